@@ -1,0 +1,1 @@
+"""Exporters: vision+connector to ONNX, LLM to GGUF, mmproj, the edge bundle; built in the export issue."""

@@ -1,0 +1,31 @@
+"""The TinyLLaVA model framework (needs the `torch` extra).
+
+Importing this package registers `tinyllava` with transformers' Auto classes, locally: no
+`trust_remote_code` is ever needed for our checkpoints.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .checkpoint import KNOWN_TOWERS, LEGACY_FAMILIES, read_checkpoint, save_checkpoint
+from .configuration import TinyLlavaConfig
+from .connector import CONNECTORS
+from .llm import LLM_FAMILIES, family_for
+from .modeling import TinyLlavaForConditionalGeneration, TinyLlavaPreTrainedModel
+from .vision import VISION_TOWERS
+
+AutoConfig.register(TinyLlavaConfig.model_type, TinyLlavaConfig, exist_ok=True)
+AutoModelForCausalLM.register(TinyLlavaConfig, TinyLlavaForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "CONNECTORS",
+    "KNOWN_TOWERS",
+    "LEGACY_FAMILIES",
+    "LLM_FAMILIES",
+    "VISION_TOWERS",
+    "TinyLlavaConfig",
+    "TinyLlavaForConditionalGeneration",
+    "TinyLlavaPreTrainedModel",
+    "family_for",
+    "read_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,1 @@
+"""Training recipes and stages (pretrain / finetune); built in the training issue."""

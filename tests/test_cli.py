@@ -1,0 +1,50 @@
+"""Every console script answers --help; the main job runs end to end on the default."""
+
+import subprocess
+import sys
+import tomllib
+from importlib import import_module
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def _entry(target: str):
+    module, func = target.split(":")
+    return getattr(import_module(module), func)
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _entry(SCRIPTS[name])(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and name in out
+
+
+def test_pipeline_runs_and_reuses_its_stages(tmp_path):
+    from tinyllava_edge.cli.pipeline import main
+
+    work = tmp_path / "work"
+    assert main(["--workdir", str(work), "--questions", "2"]) == 0
+    for part in ("data/meta.json", "tokenizer/tokenizer.json", "model/config.json", "model/model.safetensors"):
+        assert (work / part).is_file(), part
+    stamp = (work / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(["--workdir", str(work), "--questions", "1"]) == 0
+    assert (work / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # kept, not rebuilt
+
+
+def test_pipeline_bad_workdir_is_one_line(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinyllava_edge.cli.pipeline", "--workdir", str(target)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert "is a file" in proc.stderr

@@ -1,0 +1,74 @@
+"""Model presets as data, looked up by exact name.
+
+`tiny-shapes` is the project's own default: the real architecture (SigLIP-style tower,
+`mlp2x_gelu` connector, Llama-family LLM) at a size that trains on the shapes data on a laptop
+CPU, with the LLM wide enough for GGUF K-quants to apply for real (they need rows that are a
+multiple of 256: hidden 256, FFN 768).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import TinyLlavaError
+from .configuration import TinyLlavaConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    text: Mapping[str, Any]
+    vision: Mapping[str, Any]
+    connector_type: str = "mlp2x_gelu"
+    # Our own towers have no CLS token: keep every patch (`cls_patch`), unlike the released
+    # SigLIP models that drop patch 0 (DESIGN.md).
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "cls_patch"
+    template: str = "llama"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def config(self, vocab_size: int, **overrides: Any) -> TinyLlavaConfig:
+        fields = dict(
+            text_config={**self.text, "vocab_size": vocab_size},
+            vision_config=dict(self.vision),
+            connector_type=self.connector_type,
+            llm_model_name_or_path=f"tinyllava-edge/{self.name}",
+            vision_model_name_or_path=f"tinyllava-edge/{self.name}-vision",
+            vision_feature_layer=self.vision_feature_layer,
+            vision_feature_select_strategy=self.vision_feature_select_strategy,
+            image_aspect_ratio="square",
+            **self.extra,
+        )
+        fields.update(overrides)
+        return TinyLlavaConfig(**fields)
+
+
+PRESETS: Mapping[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="tiny-shapes",
+            text={
+                "model_type": "llama", "hidden_size": 256, "intermediate_size": 768,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+                "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                "hidden_act": "silu", "tie_word_embeddings": False,
+                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+            },
+            vision={
+                "model_type": "siglip_vision_model", "hidden_size": 128, "intermediate_size": 512,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 64, "patch_size": 8,
+                "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "vision_use_head": False,
+            },
+            extra={"tokenizer_model_max_length": 512, "pad_token": "<pad>", "pad_token_id": 3},
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise TinyLlavaError(f"{name!r} is not a known preset; known: {', '.join(sorted(PRESETS))}") from None

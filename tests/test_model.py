@@ -249,3 +249,24 @@ def test_unknown_parts_name_the_known_ones(part, value, known):
     with pytest.raises(TinyLlavaError) as err:
         TinyLlavaForConditionalGeneration(config)
     assert repr(value) in str(err.value) and known in str(err.value)
+
+
+def test_every_family_has_a_default_template():
+    from tinyllava_edge.data.template import FAMILY_TEMPLATES, get_template
+
+    assert sorted(FAMILY_TEMPLATES) == LLM_FAMILIES.keys()
+    for family in FAMILIES:
+        get_template(FAMILY_TEMPLATES[family])
+
+
+def test_batched_generate_equals_one_row_at_a_time():
+    # right-padded input (the training convention) is re-padded on the left for decoding
+    model = random_model(miniature_config("llama", "siglip", VOCAB))
+    images = _image(model.config, batch=2)
+    short, long = [1, 5, IMAGE_TOKEN_INDEX, 7], [1, 5, 9, 10, IMAGE_TOKEN_INDEX, 7, 8]
+    batch = model.generate(_ids(short + [0, 0, 0], long), images=images,
+                           attention_mask=_ids([1] * 4 + [0] * 3, [1] * 7), max_new_tokens=4, do_sample=False)
+    one = model.generate(_ids(short), images=images[:1], max_new_tokens=4, do_sample=False)
+    two = model.generate(_ids(long), images=images[1:], max_new_tokens=4, do_sample=False)
+    assert batch[0].tolist() == one[0].tolist()
+    assert batch[1].tolist() == two[0].tolist()

@@ -109,15 +109,14 @@ def _ask(model_dir: Path, data_dir: Path, n: int) -> tuple[list[dict], dict]:
     from transformers import AutoTokenizer
 
     from ..data.preprocess import PreprocessConfig, load_image, preprocess
-    from ..data.template import get_template
+    from ..data.template import default_template_for_family, get_template
     from ..model import TinyLlavaForConditionalGeneration
-    from ..model.presets import get_preset
 
     model = TinyLlavaForConditionalGeneration.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = get_template(get_preset("tiny-shapes").template)
+    template = get_template(default_template_for_family(model.config.llm_family))
     size = model.config.vision_config.image_size
-    pre = PreprocessConfig(size=(size, size))
+    pre = PreprocessConfig.siglip(size=size)
     records = json.loads((data_dir / "test.json").read_text(encoding="utf-8"))[:n]
     answers = []
     for rec in records:

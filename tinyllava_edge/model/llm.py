@@ -2,7 +2,8 @@
 
 The causal-LM module itself is transformers' own class for that model_type
 (`AutoModelForCausalLM.from_config`), so the weight names are the LLM's own HF names under
-`language_model.`.
+`language_model.`. Each family's default chat template lives with the templates
+(`tinyllava_edge.data.template.FAMILY_TEMPLATES`), which the torch-free runtime also reads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from ..registry import Registry
 @dataclass(frozen=True)
 class LLMFamily:
     model_type: str  # exact text_config.model_type
-    template: str  # default chat template (tinyllava_edge.data.template)
     example: str  # a released LLM of this family, for messages and docs
     # TinyLLaVA_Factory's tokenizer post-load (tinyllava/model/llm/*.py): pad := unk for phi,
     # tinyllama and gemma; qwen2 sets unk := pad; stablelm keeps its tokenizer as is.
@@ -26,11 +26,11 @@ class LLMFamily:
 LLM_FAMILIES: Registry[LLMFamily] = Registry("LLM family")
 
 for _family in (
-    LLMFamily("llama", "llama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", pad_from_unk=True),
-    LLMFamily("qwen2", "qwen2_base", "Qwen/Qwen2-0.5B", pad_from_unk=False, unk_from_pad=True),
-    LLMFamily("phi", "phi", "microsoft/phi-2", pad_from_unk=True),
-    LLMFamily("stablelm", "phi", "stabilityai/stablelm-2-zephyr-1_6b", pad_from_unk=False),
-    LLMFamily("gemma", "gemma", "google/gemma-2b-it", pad_from_unk=True),
+    LLMFamily("llama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", pad_from_unk=True),
+    LLMFamily("qwen2", "Qwen/Qwen2-0.5B", pad_from_unk=False, unk_from_pad=True),
+    LLMFamily("phi", "microsoft/phi-2", pad_from_unk=True),
+    LLMFamily("stablelm", "stabilityai/stablelm-2-zephyr-1_6b", pad_from_unk=False),
+    LLMFamily("gemma", "google/gemma-2b-it", pad_from_unk=True),
 ):
     LLM_FAMILIES.add(_family.model_type, _family)
 

@@ -94,12 +94,13 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
         images: torch.Tensor | None,
+        padding_side: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Replace each -200 in `input_ids` (B, T) by the image's N feature rows.
 
         Returns (inputs_embeds (B, T', C), attention_mask, position_ids, labels), with the same
         conventions as the Factory: padding is dropped by `attention_mask` and re-applied on
-        `tokenizer_padding_side`, sequences are cut to `tokenizer_model_max_length`, image rows
+        `padding_side` (default: the config's `tokenizer_padding_side`), sequences are cut to `tokenizer_model_max_length`, image rows
         get IGNORE_INDEX labels, and masks/labels stay None when they were None.
         """
         embed = self.get_input_embeddings()
@@ -152,7 +153,7 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
         new_labels = torch.full((batch, width), IGNORE_INDEX, dtype=full_labels.dtype, device=input_ids.device)
         new_mask = torch.zeros((batch, width), dtype=torch.bool, device=input_ids.device)
         position_ids = torch.zeros((batch, width), dtype=torch.long, device=input_ids.device)
-        left = self.config.tokenizer_padding_side == "left"
+        left = (padding_side or self.config.tokenizer_padding_side) == "left"
         for i, (r, lab) in enumerate(zip(rows, row_labels)):
             n = r.shape[0]
             span = slice(width - n, width) if left else slice(0, n)
@@ -228,7 +229,12 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
             raise ValueError("pass input_ids with -200 placeholders, not inputs_embeds")
         if inputs is None:
             inputs = kwargs.pop("input_ids")
-        inputs_embeds, attention_mask, _, _ = self.prepare_inputs_for_multimodal(inputs, attention_mask, None, images)
+        # Decoding continues every row from its last position: pad on the left.
+        if attention_mask is None and images is not None and inputs.shape[0] > 1:
+            attention_mask = torch.ones_like(inputs)
+        inputs_embeds, attention_mask, _, _ = self.prepare_inputs_for_multimodal(
+            inputs, attention_mask, None, images, padding_side="left"
+        )
         if attention_mask is None:
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)

@@ -25,7 +25,6 @@ class Preset:
     # SigLIP models that drop patch 0 (DESIGN.md).
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "cls_patch"
-    template: str = "llama"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def config(self, vocab_size: int, **overrides: Any) -> TinyLlavaConfig:

@@ -89,12 +89,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def _build_model(tok_dir: Path, model_dir: Path, seed: int) -> None:
     import torch
-    from transformers import AutoTokenizer
 
-    from ..model import TinyLlavaForConditionalGeneration
+    from ..model import TinyLlavaForConditionalGeneration, load_tokenizer
     from ..model.presets import get_preset
 
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = load_tokenizer(tok_dir, model_type="llama", pad_token="<pad>")
     config = get_preset("tiny-shapes").config(vocab_size=len(tokenizer))
     torch.manual_seed(seed)
     model = TinyLlavaForConditionalGeneration(config)
@@ -106,17 +105,16 @@ def _ask(model_dir: Path, data_dir: Path, n: int) -> tuple[list[dict], dict]:
     import json
 
     import torch
-    from transformers import AutoTokenizer
 
     from ..data.preprocess import PreprocessConfig, load_image, preprocess
     from ..data.template import default_template_for_family, get_template
-    from ..model import TinyLlavaForConditionalGeneration
+    from ..model import TinyLlavaForConditionalGeneration, load_tokenizer
 
     model = TinyLlavaForConditionalGeneration.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     template = get_template(default_template_for_family(model.config.llm_family))
     size = model.config.vision_config.image_size
-    pre = PreprocessConfig.siglip(size=size)
+    pre = PreprocessConfig.for_tower(model.config.vision_config.model_type, size, model.config.image_aspect_ratio)
     records = json.loads((data_dir / "test.json").read_text(encoding="utf-8"))[:n]
     answers = []
     for rec in records:

@@ -11,6 +11,7 @@ from .configuration import TinyLlavaConfig
 from .connector import CONNECTORS
 from .llm import LLM_FAMILIES, family_for
 from .modeling import TinyLlavaForConditionalGeneration, TinyLlavaPreTrainedModel
+from .tokenizer import load_tokenizer
 from .vision import VISION_TOWERS
 
 AutoConfig.register(TinyLlavaConfig.model_type, TinyLlavaConfig, exist_ok=True)
@@ -26,6 +27,7 @@ __all__ = [
     "TinyLlavaForConditionalGeneration",
     "TinyLlavaPreTrainedModel",
     "family_for",
+    "load_tokenizer",
     "read_checkpoint",
     "save_checkpoint",
 ]

@@ -160,17 +160,11 @@ def _image_token_id(tokenizer, vocab: int) -> int:
 
 
 def _write_tokenizer(family: str, out: Path):
-    from transformers import AutoTokenizer
-
-    from ..model.llm import family_for
+    from ..model.tokenizer import load_tokenizer
     from .tokenizers import build_tokenizer
 
     build_tokenizer(TOKENIZER_OF_FAMILY[family], out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    convention = family_for(family)
-    if convention.pad_from_unk and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    return tokenizer
+    return load_tokenizer(out, model_type=family)
 
 
 def random_model(config: TinyLlavaConfig, seed: int = 0) -> TinyLlavaForConditionalGeneration:

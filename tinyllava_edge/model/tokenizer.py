@@ -1,0 +1,59 @@
+"""Loading a checkpoint's tokenizer the way its LLM family expects.
+
+Two things differ from a plain `AutoTokenizer.from_pretrained(dir)`:
+
+* transformers picks a tokenizer class from the directory's `config.json`, which for a
+  TinyLLaVA checkpoint is the multimodal config. StableLM-2's files name `GPT2Tokenizer`, and
+  without the StableLM config transformers 5 rebuilds them with GPT-2's split rule (Arcade100k
+  splits digits one by one), so we pass the LLM's own config.
+* TinyLLaVA_Factory's post-load (tinyllava/model/llm/*.py): pad := unk for phi, llama and gemma;
+  unk := pad for qwen2. A pad token recorded in the checkpoint's config wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .checkpoint import LEGACY_FAMILIES, read_config_json
+from .llm import family_for
+
+
+def text_model_type(raw: dict[str, Any]) -> str | None:
+    """The LLM's model_type from a config.json of any supported layout."""
+    if raw.get("model_type") in LEGACY_FAMILIES:
+        return LEGACY_FAMILIES[raw["model_type"]]
+    text = raw.get("text_config")
+    return text.get("model_type") if isinstance(text, dict) else None
+
+
+def load_tokenizer(path: str | os.PathLike, model_type: str | None = None, pad_token: str | None = None):
+    """The tokenizer saved in a checkpoint directory (or any tokenizer directory).
+
+    `model_type` is the LLM family (read from `path/config.json` when not given); `pad_token`
+    overrides the pad token (default: the checkpoint's recorded `pad_token`, else the family's
+    Factory convention).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    if model_type is None and (path / "config.json").is_file():
+        raw = read_config_json(path)
+        model_type = text_model_type(raw)
+        pad_token = pad_token or raw.get("pad_token")
+    kwargs = {"config": AutoConfig.for_model(model_type)} if model_type else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds no loadable tokenizer ({str(exc).splitlines()[0]})") from None
+    if pad_token:
+        tokenizer.pad_token = pad_token
+    elif model_type:
+        family = family_for(model_type)
+        if family.pad_from_unk and tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        elif family.unk_from_pad and tokenizer.pad_token is not None:
+            tokenizer.unk_token = tokenizer.pad_token
+    return tokenizer

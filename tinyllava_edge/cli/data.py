@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import TinyLlavaError
+from .common import USER_ERRORS, fail, human_size
 
 TOKENIZER_SUBDIR = "tokenizer"
 
@@ -73,15 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
-
-
 def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
@@ -128,8 +119,8 @@ def print_summary(summary: dict) -> None:
     print(f"  pretrain {counts['pretrain']['records']} captions")
     pairs = ", ".join(f"{c} {s}" for c, s in summary["held_out_pairs"])
     print(f"  held out of train: {pairs}")
-    files = ", ".join(f"{name} {_human_size(n)}" for name, n in summary["files"].items())
-    print(f"  files: images/ {_human_size(summary['image_bytes'])}, {files}")
+    files = ", ".join(f"{name} {human_size(n)}" for name, n in summary["files"].items())
+    print(f"  files: images/ {human_size(summary['image_bytes'])}, {files}")
     if "tokenizer" in summary:
         print(f"  tokenizer: {summary['tokenizer']}")
 
@@ -138,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except TinyLlavaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return fail(err)
     print_summary(summary)
     return 0
 

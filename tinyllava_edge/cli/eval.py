@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import TinyLlavaError
+from .common import USER_ERRORS, fail, human_size
 
 DEFAULT_OUT = Path("runs") / "eval"
 
@@ -101,10 +102,6 @@ def run(args: argparse.Namespace) -> dict:
                          skip_bad=args.skip_bad, progress=not args.quiet, settings=settings)
 
 
-def _human_size(n: int) -> str:
-    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
-
-
 def print_summary(results: dict) -> None:
     from ..eval import get_benchmark
     from ..eval.report import headline
@@ -121,7 +118,7 @@ def print_summary(results: dict) -> None:
         print(f"  skipped {results['skipped']['count']} bad records (listed in results.json)")
     for name, path in results["files"].items():
         p = Path(path)
-        size = _human_size(p.stat().st_size) if p.is_file() else "missing"
+        size = human_size(p.stat().st_size) if p.is_file() else "missing"
         print(f"  {name:11s} {p} ({size})")
 
 
@@ -132,14 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(args)
     except BadRecordError as err:
-        print(f"error: {err} (--skip-bad skips such records and counts them)", file=sys.stderr)
-        return 2
-    except TinyLlavaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+        return fail(err, hint="(--skip-bad skips such records and counts them)")
+    except USER_ERRORS as err:
+        return fail(err)
     print_summary(results)
     return 0
 

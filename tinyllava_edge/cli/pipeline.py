@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import TinyLlavaError
+from .common import USER_ERRORS, fail, human_size
 
 DEFAULT_WORKDIR = Path("runs") / "tiny-shapes"
 
@@ -31,12 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _size(path: Path) -> int:
+def _disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -139,7 +136,7 @@ def _ask(model_dir: Path, data_dir: Path, n: int) -> tuple[list[dict], dict]:
 def print_summary(summary: dict) -> None:
     print("\ntinyllava-edge pipeline summary")
     for name, state, path, seconds in summary["stages"]:
-        print(f"  {name:<16} {state:<18} {seconds:6.1f} s  {path}  ({_mb(_size(Path(path)))})")
+        print(f"  {name:<16} {state:<18} {seconds:6.1f} s  {path}  ({human_size(_disk_bytes(Path(path)))})")
     info = summary["model_info"]
     print(f"  model: {info['parameters'] / 1e6:.2f} M parameters, {info['image_tokens']} image tokens, "
           f"{info['layout']} checkpoint layout")
@@ -154,12 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except TinyLlavaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return fail(err)
     print_summary(summary)
     return 0
 

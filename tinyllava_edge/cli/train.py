@@ -13,7 +13,7 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
-from ..errors import TinyLlavaError
+from .common import USER_ERRORS, fail, human_size
 
 EXAMPLES = """\
 examples:
@@ -124,14 +124,6 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def print_summary(summary: dict) -> None:
     tune = summary["tune_types"]
     parts = f"llm {tune['llm']}, vision {tune['vision_tower']}" + (
@@ -150,7 +142,7 @@ def print_summary(summary: dict) -> None:
     print(f"  data: {data['kept']} of {data['records']} records used ({data['text_only']} text-only, "
           f"{data['truncated']} truncated, {data['skipped_total']} skipped{': ' if data['skipped'] else ''}"
           + ", ".join(f"{k} {n}" for k, n in data["skipped"].items()) + ")")
-    print(f"  wrote {summary['output']}: " + ", ".join(f"{k} {_size(n)}" for k, n in summary["files"].items()))
+    print(f"  wrote {summary['output']}: " + ", ".join(f"{k} {human_size(n)}" for k, n in summary["files"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,12 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         from ..train import train
 
         result = train(config_from_args(args))
-    except TinyLlavaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return fail(err)
     if result.summary:
         print_summary(result.summary)
     return 0

@@ -33,13 +33,7 @@ RECIPE_CASES = {  # the paper's recipes, stage by stage: (llm, vision tower, con
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second thread only adds contention on a 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_registered_entry_has_a_test_case():

@@ -23,12 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FULL = dict(recipe="custom", tune_llm="full", tune_vision="full", tune_connector="full")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

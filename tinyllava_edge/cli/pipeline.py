@@ -46,36 +46,25 @@ def run(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     summary: dict = {"workdir": str(work), "stages": []}
 
-    data_dir = work / "data"
-    t = time.perf_counter()
-    if args.force or not (data_dir / "meta.json").is_file():
-        print("[1/4] shapes data: generating ...", flush=True)
-        write_dataset(data_dir, seed=args.seed, overwrite=True)
-        state = "built"
-    else:
-        state = "kept"
-    summary["stages"].append(("shapes data", state, data_dir, time.perf_counter() - t))
-
-    tok_dir = work / "tokenizer"
-    t = time.perf_counter()
-    if args.force or not (tok_dir / "tokenizer.json").is_file():
-        print("[2/4] tokenizer: training byte-level BPE on the shapes text ...", flush=True)
-        train_shapes_tokenizer(tok_dir, seed=args.seed)
-        state = "built"
-    else:
-        state = "kept"
-    summary["stages"].append(("tokenizer", state, tok_dir, time.perf_counter() - t))
-
-    model_dir = work / "model"
-    t = time.perf_counter()
-    if args.force or not (model_dir / "config.json").is_file():
-        print("[3/4] model: building the tiny-shapes architecture (training arrives with the "
-              "training stage; weights are random until then) ...", flush=True)
-        _build_model(tok_dir, model_dir, args.seed)
-        state = "built (untrained)"
-    else:
-        state = "kept"
-    summary["stages"].append(("model", state, model_dir, time.perf_counter() - t))
+    data_dir, tok_dir, model_dir = work / "data", work / "tokenizer", work / "model"
+    stages = (
+        ("shapes data", data_dir / "meta.json", "[1/4] shapes data: generating ...", "built",
+         lambda: write_dataset(data_dir, seed=args.seed, overwrite=True)),
+        ("tokenizer", tok_dir / "tokenizer.json", "[2/4] tokenizer: training byte-level BPE on the shapes text ...",
+         "built", lambda: train_shapes_tokenizer(tok_dir, seed=args.seed)),
+        ("model", model_dir / "config.json",
+         "[3/4] model: building the tiny-shapes architecture (training arrives with the training stage; "
+         "weights are random until then) ...", "built (untrained)",
+         lambda: _build_model(tok_dir, model_dir, args.seed)),
+    )
+    for name, marker, message, built, build in stages:
+        t = time.perf_counter()
+        state = "kept"  # a stage whose output exists is not redone unless --force
+        if args.force or not marker.is_file():
+            print(message, flush=True)
+            build()
+            state = built
+        summary["stages"].append((name, state, marker.parent, time.perf_counter() - t))
 
     t = time.perf_counter()
     print("[4/4] reload from disk and ask held-out test questions ...", flush=True)

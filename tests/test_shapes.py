@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -206,20 +207,24 @@ def test_captions_describe_every_object(samples):
             assert parse_caption(s.caption) == Counter(tuple(o) for o in s.objects)
 
 
-@pytest.mark.parametrize("size", [32, 64, 384])
+@pytest.mark.parametrize("size", [48, 64, 384])
 def test_image_shows_the_objects(size):
-    """Each object's colour sits at its cell's centre; empty cells show only background."""
+    """Each object's fill colour and black outline show in its cell; empty cells show only background."""
     for s in _by_image(shapes.generate("test", 6, seed=11, image_size=size)).values():
         assert s.image.mode == "RGB" and s.image.size == (size, size)
         occupied = {(o.row, o.col): o for o in s.objects}
+        pixels = np.asarray(s.image)
+        cell = size // 3
         for row in range(3):
             for col in range(3):
-                centre = (int((col + 0.5) * size / 3), int((row + 0.5) * size / 3))
-                pixel = s.image.getpixel(centre)
+                block = pixels[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell].reshape(-1, 3)
+                colours = Counter(map(tuple, block.tolist()))
                 if (row, col) in occupied:
-                    assert pixel == shapes.COLOURS[occupied[row, col].colour]
+                    fill = shapes.COLOURS[occupied[row, col].colour]
+                    assert colours[fill] >= 0.01 * cell * cell, (size, occupied[row, col])
+                    assert colours[shapes.OUTLINE] >= 0.01 * cell * cell
                 else:
-                    assert pixel == shapes.BACKGROUND
+                    assert set(colours) == {shapes.BACKGROUND}
 
 
 def test_objects_keep_a_gap_between_cells():
@@ -290,6 +295,34 @@ def test_json_files_are_llava_format(written):
     assert meta["counts"]["train"]["images_with_held_out"] == 0
     assert sum(meta["counts"]["test"]["by_kind"].values()) == meta["counts"]["test"]["records"]
     assert summary["counts"] == meta["counts"]
+
+
+def test_instruct_conversations_hold_every_question_and_the_caption(written):
+    out, summary = written
+    instruct = json.loads((out / "instruct.json").read_text())
+    train = json.loads((out / "train.json").read_text())
+    captions = {r["image"]: r["conversations"][1]["value"] for r in json.loads((out / "pretrain.json").read_text())}
+    assert len(instruct) == summary["counts"]["instruct"]["records"] == 60
+    singles = Counter((r["image"], r["conversations"][0]["value"].removeprefix("<image>\n"),
+                       r["conversations"][1]["value"]) for r in train)
+    pairs = Counter()
+    orders = set()
+    for r in instruct:
+        assert set(r) == {"id", "image", "conversations", "kinds"}
+        turns = r["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * len(r["kinds"])
+        assert turns[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+        assert r["kinds"].count("caption") == 1 and set(r["kinds"]) - {"caption"} <= KINDS
+        orders.add(r["kinds"].index("caption"))
+        for kind, (q, a) in zip(r["kinds"], zip(turns[::2], turns[1::2])):
+            question = q["value"].removeprefix("<image>\n")
+            if kind == "caption":
+                assert a["value"] == captions[r["image"]]
+            else:
+                pairs[(r["image"], question, a["value"])] += 1
+    assert pairs == singles  # every single-turn train question, each once, nothing else
+    assert len(orders) > 1  # the caption request is not always in the same place
 
 
 def test_written_records_match_in_memory_samples(written):

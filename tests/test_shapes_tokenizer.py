@@ -50,43 +50,44 @@ def dataset_strings() -> list[str]:
 
 def test_special_tokens_at_llama_ids(fast):
     assert [fast.id_to_token(i) for i in range(5)] == ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    assert fast.get_vocab_size() == DEFAULT_VOCAB_SIZE
-    assert fast.encode("<image>\nWhat").ids[0] == 4
+    # BPE stops merging once every word the generator uses is one token (510 here)
+    assert 480 <= fast.get_vocab_size() <= DEFAULT_VOCAB_SIZE
+    assert fast.encode("<image>\nWhat").ids[:2] == [1, 4]
 
 
-def test_loads_with_auto_tokenizer(auto):
-    assert len(auto) == DEFAULT_VOCAB_SIZE
+def test_loads_with_auto_tokenizer(auto, fast):
+    assert len(auto) == fast.get_vocab_size()
     assert (auto.unk_token_id, auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (
         0, 1, 2, 3,
     )  # fmt: skip
     assert auto.convert_tokens_to_ids("<image>") == 4
     assert auto.model_max_length == 2048
-    # no BOS/EOS added behind the template's back
-    assert auto("yes").input_ids == [auto.convert_tokens_to_ids("yes")]
+    # BOS in front as Llama's tokenizers put it (the llama template counts it); no EOS
+    assert auto("yes").input_ids == [1, auto.convert_tokens_to_ids("yes")]
 
 
 def test_every_dataset_string_round_trips(fast, auto):
     strings = dataset_strings()
     encodings = fast.encode_batch(strings)
     decoded = fast.decode_batch([e.ids for e in encodings], skip_special_tokens=False)
-    assert [s for s, d in zip(strings, decoded) if s != d] == []
+    assert [s for s, d in zip(strings, decoded) if "<s>" + s != d] == []
     ids = auto(strings).input_ids
-    assert [s for s, i in zip(strings, ids) if auto.decode(i) != s] == []
+    assert [s for s, i in zip(strings, ids) if auto.decode(i) != "<s>" + s] == []
     assert all(0 not in e.ids for e in encodings)  # byte-level: nothing is unknown
 
 
 def test_other_text_round_trips(fast):
     for text in ["Ünïcødé 日本語 🙂", "tabs\tand\n\nnewlines  ", "What is a hexagon?"]:
-        assert fast.decode(fast.encode(text).ids) == text
+        assert fast.decode(fast.encode(text).ids, skip_special_tokens=True) == text
 
 
 def test_answers_and_template_words_are_short(fast):
     for answer in shapes.ANSWERS:
-        assert len(fast.encode(answer).ids) == 1, answer
-        assert len(fast.encode(f" {answer}").ids) == 1, answer
-    assert len(fast.encode(f"{SYSTEM_PROMPT} USER:").ids) <= 40
+        assert len(fast.encode(answer).ids) == 2, answer  # the BOS and the answer
+        assert len(fast.encode(f" {answer}").ids) == 2, answer
+    assert len(fast.encode(f"{SYSTEM_PROMPT} USER:").ids) <= 41
     question = "<image>\nIs the red circle left or right of the blue square?"
-    assert len(fast.encode(question).ids) <= 16
+    assert len(fast.encode(question).ids) <= 17
 
 
 def test_training_is_deterministic(tokenizer_dir, tmp_path):

@@ -6,8 +6,9 @@ the chat-template words. The 256-symbol byte alphabet is always in the vocabular
 round-trips, including text the generator never makes.
 
 Special tokens sit where Llama-family models expect them: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2,
-``<pad>`` 3; ``<image>`` is 4. No BOS/EOS is added on encode: the chat template decides where
-``<s>`` and ``</s>`` go.
+``<pad>`` 3; ``<image>`` is 4. Encoding puts ``<s>`` in front, as Llama's tokenizers do: the
+Factory's ``llama`` template counts that BOS when it masks the rounds of a multi-turn sample, and
+the GGUF export writes ``add_bos``. ``</s>`` comes from the chat template.
 
 The directory written loads offline with ``transformers.AutoTokenizer.from_pretrained(dir)``.
 ``tokenizers`` (and, to load, ``transformers``) come with the ``torch`` extra; both are imported
@@ -90,7 +91,11 @@ def train_shapes_tokenizer(
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+                                      special_tokens=[(BOS_TOKEN, SPECIAL_TOKENS.index(BOS_TOKEN))]),
+    ])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
@@ -106,7 +111,7 @@ def train_shapes_tokenizer(
         "eos_token": EOS_TOKEN,
         "unk_token": UNK_TOKEN,
         "pad_token": PAD_TOKEN,
-        "add_bos_token": False,
+        "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,

@@ -149,6 +149,17 @@ def test_qlora_trains_and_merges_into_a_plain_checkpoint(env, tmp_path):
     assert (tmp_path / "merged_later" / "tokenizer.json").is_file()
 
 
+def test_parts_train_at_their_own_learning_rates(env, tmp_path):
+    result = train(_config(env, tmp_path / "rates", max_steps=2, connector_lr=1e-12, **FULL))
+    assert result.summary["part_learning_rates"] == {"connector": 1e-12}
+    start, end = _weights(env / "mini"), _weights(tmp_path / "rates")
+    moved = {k: (end[k].float() - start[k].float()).abs().max().item() for k in start}
+    connector = [v for k, v in moved.items() if k.startswith("connector.")]
+    llm = [v for k, v in moved.items() if k.startswith("language_model.")]
+    assert connector and max(connector) < 1e-9  # AdamW steps are ~lr in size
+    assert max(llm) > 1e-4
+
+
 def test_gradient_checkpointing_trains_the_same(env, tmp_path):
     # base/pretrain: only the connector trains, behind a frozen, checkpointed LLM
     options = dict(recipe="base", stage="pretrain", data=str(env / "data" / "pretrain.json"), max_steps=2)

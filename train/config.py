@@ -50,6 +50,9 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
     lr: float | None = None  # default: the stage's (pretrain 1e-3, finetune 2e-5)
+    # Per-part learning rates (Factory's mm_projector_lr / vision_tower_lr); default: lr
+    connector_lr: float | None = None
+    vision_tower_lr: float | None = None
     batch_size: int = 8  # per device
     grad_accum: int = 1
     warmup_ratio: float = 0.03
@@ -106,8 +109,10 @@ class TrainConfig:
             raise TinyLlavaError(f"max_steps must be a positive integer, got {self.max_steps!r}")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise TinyLlavaError(f"epochs must be positive, got {self.epochs!r}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise TinyLlavaError(f"the learning rate must be positive, got {self.lr!r}")
+        for name in ("lr", "connector_lr", "vision_tower_lr"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise TinyLlavaError(f"{name} must be positive, got {value!r}")
         checks = {"warmup_ratio": (self.warmup_ratio, 0.0, 1.0), "lora_dropout": (self.lora_dropout, 0.0, 1.0)}
         for name, (value, low, high) in checks.items():
             if not (low <= value < high):
@@ -126,6 +131,12 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else STAGES.get(self.stage).learning_rate
+
+    @property
+    def part_learning_rates(self) -> dict[str, float]:
+        """Learning rates of the parts that do not use `learning_rate` (PARTS keys)."""
+        rates = {"connector": self.connector_lr, "vision_tower": self.vision_tower_lr}
+        return {part: lr for part, lr in rates.items() if lr is not None}
 
     @property
     def grouped(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from .data import (Collator, SampleChecker, SupervisedDataset, default_image_fol
                    load_samples)
 from .recipes import PARTS, STAGES, TuneSpec
 from .report import LOSS_PNG, SUMMARY_JSON, loss_history, plot_loss, write_summary
+
+# peft imports bitsandbytes whenever it is installed; on a CPU its 0.50 warns on import that an
+# optional kernel package ("kernels") is missing, in every run, QLoRA or not. QLoRA on CPU works
+# without it (tests/test_train_run.py), so the line is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 CONFIG_JSON = "train_config.json"
 SHIPPED_DEEPSPEED = {"zero2": "zero2.json", "zero3": "zero3.json"}
@@ -226,6 +232,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         model=trained, args=args, train_dataset=dataset, data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer, callbacks=list(callbacks), grouped=config.grouped,
         lengths=dataset.modality_lengths, sample_seed=config.seed, quiet=config.quiet,
+        part_lrs=config.part_learning_rates,
     )
     if config.fsdp and not trainer.is_fsdp_enabled:
         raise TinyLlavaError("FSDP was asked for but accelerate did not enable it: launch with torchrun "
@@ -347,6 +354,7 @@ def _summary(config: TrainConfig, spec: TuneSpec, source: str, template: str, pr
         "epochs": state.epoch,
         "max_steps": state.max_steps,
         "learning_rate": config.learning_rate,
+        "part_learning_rates": config.part_learning_rates,
         "batch_size_per_device": args.per_device_train_batch_size,
         "grad_accum": args.gradient_accumulation_steps,
         "world_size": args.world_size,

@@ -8,6 +8,8 @@ Everything else is the stock Trainer, so the same code runs in one process, unde
 * a LoRA run's `checkpoint-N` holds every trainable tensor (`trainable.safetensors`: the
   adapters *and* parts tuned `full`, such as the connector), not only peft's adapter, which the
   stock Trainer would save and restore alone;
+* parts may train at their own learning rates (Factory's ``mm_projector_lr``): one optimizer
+  parameter group per (part learning rate, weight decay);
 * the progress bar shows the loss instead of printing a line per logged step.
 """
 
@@ -20,6 +22,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..errors import CheckpointError
+from .recipes import PART_MODULES
 from .sampler import LengthGroupedSampler, SeededRandomSampler
 
 TRAINABLE_NAME = "trainable.safetensors"
@@ -34,8 +37,10 @@ def _is_peft(model: torch.nn.Module) -> bool:
 
 
 class TinyLlavaTrainer(Trainer):
-    def __init__(self, *args, grouped: bool, lengths: list[int], sample_seed: int, quiet: bool = False, **kwargs):
+    def __init__(self, *args, grouped: bool, lengths: list[int], sample_seed: int, quiet: bool = False,
+                 part_lrs: dict[str, float] | None = None, **kwargs):
         self.grouped = grouped
+        self.part_lrs = dict(part_lrs or {})
         self.lengths = lengths
         self.sample_seed = sample_seed
         super().__init__(*args, **kwargs)
@@ -49,6 +54,24 @@ class TinyLlavaTrainer(Trainer):
             return LengthGroupedSampler(self.lengths, self.args.train_batch_size, self.args.world_size,
                                         self.sample_seed)
         return SeededRandomSampler(len(self.lengths), self.sample_seed)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or not self.part_lrs:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[float | None, float], list[torch.nn.Parameter]] = {}
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                key = (self.part_lrs.get(part_of(name)), self.args.weight_decay if name in decay else 0.0)
+                groups.setdefault(key, []).append(param)
+        # A group without "lr" takes the optimizer's (the run's) learning rate; the scheduler
+        # scales every group's own.
+        param_groups = [{"params": params, "weight_decay": wd, **({"lr": lr} if lr is not None else {})}
+                        for (lr, wd), params in groups.items()]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
 
     # -- checkpoints of LoRA runs -------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -87,6 +110,12 @@ class TinyLlavaTrainer(Trainer):
         with torch.no_grad():
             for name, tensor in saved.items():
                 params[name].copy_(tensor.to(params[name].device))
+
+
+def part_of(name: str) -> str | None:
+    """The part (PARTS key) a parameter name belongs to, also under peft's `base_model.model.` prefix."""
+    name = name.removeprefix("base_model.model.")
+    return next((part for part, module in PART_MODULES.items() if name.startswith(module + ".")), None)
 
 
 class LossProgressCallback(ProgressCallback):

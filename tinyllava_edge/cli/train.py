@@ -13,10 +13,13 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
+from ..errors import TinyLlavaError
 from .common import USER_ERRORS, fail, human_size
 
 EXAMPLES = """\
 examples:
+  # the default model from nothing: shapes data and tokenizer generated, both stages, evaluation
+  tinyllava-train --preset tiny-shapes --output runs/tiny-shapes-train
   # stage 1 from scratch: a fresh tiny-shapes model, every part trained on the captions
   tinyllava-train --preset tiny-shapes --tokenizer data/tokenizer --data data/pretrain.json \\
       --stage pretrain --recipe custom --tune-llm full --tune-vision full --tune-connector full \\
@@ -61,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for --preset")
 
     data = p.add_argument_group("data")
-    data.add_argument("--data", required=True, metavar="JSON", help="LLaVA-format .json list or .jsonl")
+    data.add_argument("--data", metavar="JSON",
+                      help="LLaVA-format .json list or .jsonl (leave out, with --preset alone, to run the "
+                           "preset's own recipe: generated data, every stage, evaluation)")
     data.add_argument("--image-folder", metavar="DIR", help="where the records' image paths start (default: the data file's folder)")
     data.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
     data.add_argument("--truncate", action="store_true",
@@ -92,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--epochs", type=float, default=d["epochs"], help="(default: %(default)s)")
     opt.add_argument("--max-steps", type=int, default=d["max_steps"], help="optimizer steps; overrides --epochs")
     opt.add_argument("--lr", type=float, default=d["lr"], help="learning rate (default: pretrain 1e-3, finetune 2e-5)")
+    opt.add_argument("--connector-lr", type=float, default=d["connector_lr"],
+                     help="the connector's own learning rate (Factory's mm_projector_lr; default: --lr)")
+    opt.add_argument("--vision-tower-lr", type=float, default=d["vision_tower_lr"],
+                     help="the vision tower's own learning rate (default: --lr)")
     opt.add_argument("--batch-size", type=int, default=d["batch_size"], help="per device (default: %(default)s)")
     opt.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="(default: %(default)s)")
     opt.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"], help="(default: %(default)s)")
@@ -124,6 +133,37 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+# Options that say what a preset recipe starts from and writes; every other option given on the
+# command line applies to each of its stages.
+_RECIPE_OWN = frozenset({"model", "preset", "tokenizer", "data", "image_folder", "output", "stage", "seed",
+                         "overwrite", "quiet"})
+
+
+def run_preset_recipe(args: argparse.Namespace) -> dict:
+    from ..train.preset_recipes import train_preset
+
+    defaults = build_parser().parse_args(["--preset", args.preset, "--output", args.output])
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in _RECIPE_OWN and k in _defaults() and v != getattr(defaults, k)}
+    if args.stage != defaults.stage:
+        raise TinyLlavaError(f"--stage does not apply to preset {args.preset!r}'s recipe, which runs every stage")
+    return train_preset(args.preset, args.output, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
+                        **overrides)
+
+
+def print_recipe_summary(summary: dict) -> None:
+    print(f"\ntrained preset {summary['preset']!r} (seed {summary['seed']}) in {summary['train_wall_seconds']:.0f} s "
+          f"wall time on {summary['threads']} thread(s); model: {summary['model']}")
+    for step in summary["steps"]:
+        print(f"  {step['step']:<10} {step['seconds']:8.1f} s")
+    first = next(iter(summary["stages"].values()))
+    print(f"  parameters: {first['parameters']['total']:,}")
+    if "eval" in summary:
+        ev = summary["eval"]
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in ev["per_kind"].items())
+        print(f"  {ev['split']} split, {ev['n']} questions: exact match {ev['exact_match']:.1f} % ({kinds})")
+
+
 def print_summary(summary: dict) -> None:
     tune = summary["tune_types"]
     parts = f"llm {tune['llm']}, vision {tune['vision_tower']}" + (
@@ -152,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     # not. A value set by the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
+        if args.preset is not None and args.data is None and args.tokenizer is None:
+            print_recipe_summary(run_preset_recipe(args))
+            return 0
         from ..train import train
 
         result = train(config_from_args(args))

@@ -3,7 +3,8 @@
 `tiny-shapes` is the project's own default: the real architecture (SigLIP-style tower,
 `mlp2x_gelu` connector, Llama-family LLM) at a size that trains on the shapes data on a laptop
 CPU, with the LLM wide enough for GGUF K-quants to apply for real (they need rows that are a
-multiple of 256: hidden 256, FFN 768).
+multiple of 256: hidden 256, FFN 768). Its tower looks at 48-px images in 16-px patches: nine
+image tokens, one per cell of the shapes grid.
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ PRESETS: Mapping[str, Preset] = {
                 "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
             },
             vision={
-                "model_type": "siglip_vision_model", "hidden_size": 128, "intermediate_size": 512,
-                "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 64, "patch_size": 8,
+                "model_type": "siglip_vision_model", "hidden_size": 512, "intermediate_size": 2048,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 48, "patch_size": 16,
                 "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "vision_use_head": False,
             },
+            # Two layers, the last one's output: the default recipe keeps the tower at its
+            # seeded random initialisation (train/preset_recipes.py says why).
+            vision_feature_layer=-1,
             extra={"tokenizer_model_max_length": 512, "pad_token": "<pad>", "pad_token_id": 3},
         ),
     )

@@ -1,0 +1,92 @@
+"""`tinyllava-train --preset tiny-shapes`: the whole recipe, run small (the full run is benchmarks/tiny_shapes.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.train.preset_recipes import PRESET_RECIPES, SUMMARY_FILE, recipe_description, train_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_DATA = {"n_train": 24, "n_val": 4, "n_test": 12}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe") / "tiny"
+    lines = []
+    summary = train_preset("tiny-shapes", out, quiet=True, log=lines.append, dataset_overrides=SMALL_DATA,
+                           max_steps=2, batch_size=4)
+    return out, summary, lines
+
+
+def test_every_preset_has_a_recipe_and_every_recipe_a_preset():
+    from tinyllava_edge.model.presets import PRESETS
+
+    assert set(PRESET_RECIPES) == set(PRESETS)
+    for name in PRESET_RECIPES:
+        assert recipe_description(name)["stages"]
+
+
+def test_the_recipe_writes_data_tokenizer_both_stages_and_an_evaluation(run):
+    out, summary, lines = run
+    assert [s["step"] for s in summary["steps"]] == ["data", "tokenizer", "pretrain", "model", "eval"]
+    assert len(lines) == 5 and lines[0].startswith("[1/5] shapes data")
+    for folder in ("data", "tokenizer", "pretrain", "model", "eval"):
+        assert (out / folder).is_dir(), folder
+    assert json.loads((out / SUMMARY_FILE).read_text()) == summary
+    # stage 1 starts from the preset, stage 2 from stage 1, each with its stage's data and template
+    pre = json.loads((out / "pretrain" / "train_summary.json").read_text())
+    fin = json.loads((out / "model" / "train_summary.json").read_text())
+    assert pre["stage"] == "pretrain" and pre["template"] == "pretrain" and "preset 'tiny-shapes'" in pre["start"]
+    assert fin["stage"] == "finetune" and fin["template"] == "llama" and fin["start"] == str(out / "pretrain")
+    assert fin["tune_types"] == {"llm": "full", "vision_tower": "frozen", "connector": "full", "vision_from_layer": None}
+    ev = summary["eval"]
+    assert ev["n"] == json.loads((out / "eval" / "results.json").read_text())["metrics"]["n"] > 0
+    assert set(ev["per_kind"]) <= {"shape", "colour", "count", "position", "exists"}
+
+
+def test_the_tower_keeps_its_seeded_random_init(run):
+    import torch
+    from transformers import set_seed
+
+    from tinyllava_edge.model import TinyLlavaForConditionalGeneration
+    from tinyllava_edge.train import TrainConfig
+    from tinyllava_edge.train.run import load_start
+
+    out, _, _ = run
+    set_seed(0)
+    fresh, _, _ = load_start(TrainConfig(preset="tiny-shapes", tokenizer=str(out / "tokenizer"), data="unused.json",
+                                         output="unused"))
+    trained = TinyLlavaForConditionalGeneration.from_pretrained(out / "model")
+    tower = dict(trained.vision_tower.named_parameters())
+    assert all(torch.equal(p, tower[n]) for n, p in fresh.vision_tower.named_parameters())
+    connector = dict(trained.connector.named_parameters())
+    assert not any(torch.equal(p, connector[n]) for n, p in fresh.connector.named_parameters())
+
+
+def test_a_non_empty_output_is_refused_and_overwrite_needs_a_previous_run(run, tmp_path):
+    out, _, _ = run
+    with pytest.raises(TinyLlavaError, match="is not empty"):
+        train_preset("tiny-shapes", out, quiet=True, log=lambda _: None)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(TinyLlavaError, match="holds no preset run"):
+        train_preset("tiny-shapes", other, overwrite=True, quiet=True, log=lambda _: None)
+    assert (other / "keep.txt").is_file()
+    with pytest.raises(TinyLlavaError, match="not a known preset recipe|known"):
+        train_preset("no-such", tmp_path / "x", log=lambda _: None)
+
+
+def test_cli_runs_the_recipe_without_data_and_refuses_a_stage(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tinyllava_edge.cli.train", "--preset", "tiny-shapes",
+                           "--output", str(tmp_path / "o"), "--stage", "pretrain"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --stage does not apply")
+    help_text = subprocess.run([sys.executable, "-m", "tinyllava_edge.cli.train", "--help"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
+    assert "tinyllava-train --preset tiny-shapes --output" in help_text

@@ -170,6 +170,20 @@ def test_labels_mask_image_rows_and_give_a_loss():
     assert model.connector._connector[0].weight.grad is not None
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_rows_get_the_llm_input_scale_only_for_gemma(family):
+    """transformers 4 (the Factory's) scaled Gemma's whole inputs_embeds by sqrt(hidden); 5 scales tokens only."""
+    model = random_model(miniature_config(family, "siglip", VOCAB))
+    image = _image(model.config)
+    with torch.no_grad():
+        embeds, _, _, _ = model.prepare_inputs_for_multimodal(_ids([1, IMAGE_TOKEN_INDEX, 5]), None, None, image)
+        features = model.encode_images(image)[0]
+    hidden = model.config.text_config.hidden_size
+    expected = hidden**0.5 if family == "gemma" else 1.0
+    assert model.image_features_scale == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(embeds[0, 1 : 1 + features.shape[0]], features * expected, atol=1e-5, rtol=1e-5)
+
+
 def test_text_only_rows_skip_their_dummy_image():
     # The Factory's collator gives text-only samples a dummy image; their row must not use it.
     model = random_model(miniature_config("llama", "siglip", VOCAB))

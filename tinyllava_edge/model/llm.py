@@ -21,6 +21,10 @@ class LLMFamily:
     # tinyllama and gemma; qwen2 sets unk := pad; stablelm keeps its tokenizer as is.
     pad_from_unk: bool
     unk_from_pad: bool = False
+    # Gemma multiplies its input embeddings by sqrt(hidden). transformers 4.x, which the Factory
+    # trained with, did it to the whole inputs_embeds (image rows included); transformers 5 moved
+    # it into the token-embedding module, so the image rows must get it here to match.
+    scale_image_features: bool = False
 
 
 LLM_FAMILIES: Registry[LLMFamily] = Registry("LLM family")
@@ -30,7 +34,7 @@ for _family in (
     LLMFamily("qwen2", "Qwen/Qwen2-0.5B", pad_from_unk=False, unk_from_pad=True),
     LLMFamily("phi", "microsoft/phi-2", pad_from_unk=True),
     LLMFamily("stablelm", "stabilityai/stablelm-2-zephyr-1_6b", pad_from_unk=False),
-    LLMFamily("gemma", "google/gemma-2b-it", pad_from_unk=True),
+    LLMFamily("gemma", "google/gemma-2b-it", pad_from_unk=True, scale_image_features=True),
 ):
     LLM_FAMILIES.add(_family.model_type, _family)
 

@@ -88,6 +88,15 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
         return self.connector(features)
 
     # -- splicing image features into the text --------------------------------------------
+    @property
+    def image_features_scale(self) -> float:
+        """The factor image rows get in `inputs_embeds` (the LLM's own input-embedding scale, Gemma)."""
+        from .llm import family_for
+
+        if not family_for(self.config.llm_family).scale_image_features:
+            return 1.0
+        return float(getattr(self.get_input_embeddings(), "scalar_embed_scale", 1.0))
+
     def prepare_inputs_for_multimodal(
         self,
         input_ids: torch.Tensor,
@@ -110,6 +119,9 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
             return embed(input_ids), attention_mask, None, labels
 
         image_features = self.encode_images(images)  # (n_images, N, C)
+        scale = self.image_features_scale
+        if scale != 1.0:
+            image_features = image_features * scale
         keep = (
             attention_mask.bool()
             if attention_mask is not None

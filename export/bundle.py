@@ -1,0 +1,497 @@
+"""`export_bundle`: a checkpoint -> the edge bundle (vision ONNX, LLM GGUF, mmproj, manifest.json).
+
+    export_bundle("runs/model", "bundles/model")             # gguf, 16-bit, checked against torch
+
+The bundle is written into a temporary directory beside `out_dir` and renamed into place only
+when every file is written and every check passed, so an interrupted or failed export leaves
+nothing at `out_dir` (and no temporary directory either, unless the process is killed).
+
+Bit widths are a registry (`PRECISIONS`, exact keys): 16 and 32 are written here; the
+quantization stage (`quant/`) registers 8 and 4 with :func:`register_precision`, giving a
+`finish` step that turns the written F16 GGUF into its quantized type.
+
+Nothing heavy is imported at module level: `tinyllava-export --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
+
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    file_record,
+    is_bundle,
+    sha256_file,
+    write_manifest,
+)
+
+FORMATS = ("gguf", "onnx")
+BITS = (4, 8, 16, 32)  # what the command offers; 4 and 8 need the quant stage
+DEFAULT_FORMAT = "gguf"
+DEFAULT_BITS = 16
+DEFAULT_CHECK_IMAGES = 3  # image prompts the LLM check runs
+DEFAULT_CHECK_TOKENS = 8  # greedy tokens generated per prompt
+# ONNX fp32 vs torch: max |diff| <= this * max(1, max |reference|) (measured ~3e-7 on the miniatures).
+ONNX_FP32_TOL = 1e-4
+_PENDING_BITS = {4: "Q4_K_M", 8: "Q8_0"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one bit width is written and checked.
+
+    `llm_ftype` / `mmproj_ftype` are what the GGUF writers produce; `gguf_type` names the final
+    files (`llm-<gguf_type>.gguf`). `finish(written, final) -> dict`, given by the quant stage,
+    turns the written GGUF into `gguf_type` (None: the written file is final). The LLM check
+    requires relative logit differences (max |diff| / max(1, max |torch logit|)) within
+    `logits_tol`, and with `exact_greedy` identical greedy tokens (up to rounding ties).
+    """
+
+    bits: int
+    gguf_type: str
+    llm_ftype: str
+    mmproj_ftype: str
+    logits_tol: float
+    exact_greedy: bool
+    finish: Callable[[Path, Path], dict] | None = None
+
+
+PRECISIONS: Registry[Precision] = Registry("bundle bit width")
+# Measured on the miniatures with an image (1 thread, F32 KV cache): F32 <= 5e-4 relative (the
+# GELU families; ggml's GELU reads an F16 table), SiLU families ~7e-7; F16 files <= 1e-3.
+PRECISIONS.add("32", Precision(32, "F32", "f32", "f32", logits_tol=5e-3, exact_greedy=True))
+PRECISIONS.add("16", Precision(16, "F16", "f16", "f16", logits_tol=2e-2, exact_greedy=False))
+
+
+def register_precision(precision: Precision) -> None:
+    """For the quant stage: make `bits` exportable (a duplicate raises)."""
+    PRECISIONS.add(str(precision.bits), precision)
+
+
+def precision_for(bits: int) -> Precision:
+    if str(bits) not in PRECISIONS and bits in _PENDING_BITS:
+        raise TinyLlavaError(
+            f"{bits}-bit bundles ({_PENDING_BITS[bits]}) need the quantization stage (quant/), which is not built "
+            "yet; export with --bits 16 or 32 for now"
+        )
+    return PRECISIONS.get(str(bits))
+
+
+class _Steps:
+    """`[k/n] what` lines on stderr, each closed with its time."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.k, self.t0 = total, enabled, 0, None
+
+    def start(self, what: str) -> None:
+        self.done()
+        self.k += 1
+        self.t0 = time.perf_counter()
+        if self.enabled:
+            print(f"[{self.k}/{self.total}] {what} ...", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.t0 is not None and self.enabled:
+            print(f"      done in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
+        self.t0 = None
+
+
+def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str = DEFAULT_FORMAT,
+                  bits: int = DEFAULT_BITS, mmproj: bool = True, verify: bool = True, progress: bool = True,
+                  onnx_fp16: bool = False, overwrite: bool = False, check_images: int = DEFAULT_CHECK_IMAGES,
+                  check_tokens: int = DEFAULT_CHECK_TOKENS) -> dict:
+    """Export a checkpoint (any layout) as a bundle directory; returns the manifest and timings.
+
+    `fmt` "gguf": vision.onnx + llm-<TYPE>.gguf + mmproj-<TYPE>.gguf (where stock llama.cpp can
+    express the tower and connector; else recorded under `skipped`) + manifest.json. `fmt`
+    "onnx": vision.onnx + manifest.json (with bits 16, vision-fp16.onnx too). `onnx_fp16` adds
+    vision-fp16.onnx to any bundle. `bits` 32 or 16 (4 and 8: the quant stage).
+    `verify` (default) checks every part against PyTorch and raises TinyLlavaError naming the
+    check and the figure when one fails; the figures go into the manifest either way.
+    `check_images` image prompts, `check_tokens` greedy tokens each. An existing non-empty
+    `out_dir` is replaced only with `overwrite` and only when it holds a bundle.
+    """
+    if fmt not in FORMATS:
+        raise TinyLlavaError(f"bundle format {fmt!r} is not supported; expected one of {', '.join(FORMATS)}")
+    precision = precision_for(bits)
+    if fmt == "onnx" and precision.finish is not None:
+        raise TinyLlavaError(f"{bits}-bit ONNX bundles come from the quantization stage; export the ONNX bundle "
+                             "with --bits 32 or 16")
+    if verify and check_images < 1:
+        raise TinyLlavaError(f"check_images must be at least 1 when verifying, got {check_images}")
+    source = Path(checkpoint_dir)
+    final = Path(out_dir)
+    _check_destination(final, overwrite)
+    with_fp16 = onnx_fp16 or (fmt == "onnx" and bits == 16)
+    gguf = fmt == "gguf"
+    steps = _Steps(2 + with_fp16 + (2 + mmproj if gguf else 0) + (verify and gguf) + 1, progress)
+    started = time.perf_counter()
+
+    _check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
+    steps.start(f"loading checkpoint {source}")
+    model, tokenizer, layout = _load(source)
+    staging = _staging_dir(final)
+    try:
+        manifest = _write_parts(model, tokenizer, staging, steps, precision, gguf=gguf, with_fp16=with_fp16,
+                                mmproj=mmproj, verify=verify, progress=progress, check_images=check_images,
+                                check_tokens=check_tokens)
+        steps.start("writing manifest.json")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "format": fmt,
+            "bits": bits,
+            "source": _source_record(source, layout),
+            **manifest,
+            "tools": _tool_versions(),
+        }
+        write_manifest(staging, manifest)
+        _move_into_place(staging, final)
+        steps.done()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"path": str(final), "manifest": manifest, "seconds": time.perf_counter() - started}
+
+
+# -- the parts ------------------------------------------------------------------------------------
+
+def _check_source(source: Path, gguf: bool) -> None:
+    from tinyllava_edge.model.checkpoint import detect_layout, read_config_json
+    from tinyllava_edge.model.llm import family_for
+    from tinyllava_edge.model.tokenizer import text_model_type
+
+    raw = read_config_json(source)
+    detect_layout(raw, source)
+    family = text_model_type(raw)
+    if family is not None:
+        family_for(family)
+        if gguf:
+            from .gguf_arch import arch_for
+
+            arch_for(family)
+
+
+def _load(source: Path):
+    from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer
+
+    model = TinyLlavaForConditionalGeneration.from_pretrained(source)
+    return model, load_tokenizer(source), getattr(model, "checkpoint_layout", "factory")
+
+
+def _write_parts(model, tokenizer, folder: Path, steps: _Steps, precision: Precision, *, gguf: bool, with_fp16: bool,
+                 mmproj: bool, verify: bool, progress: bool, check_images: int, check_tokens: int) -> dict:
+    from tinyllava_edge.data.template import default_template_for_family, get_template
+    from tinyllava_edge.model.vision import tower_for_config
+
+    from .onnx_vision import export_vision_onnx, preprocess_config
+
+    config = model.config
+    template = get_template(default_template_for_family(config.text_config.model_type))
+    files: list[dict] = []
+    skipped: list[dict] = []
+    validation: dict[str, Any] = {"enabled": verify}
+
+    steps.start("vision tower + connector -> vision.onnx (fp32)")
+    with _quiet_onnx_exporter():
+        vision = export_vision_onnx(model, folder / "vision.onnx", dtype="fp32", validate=verify, progress=progress)
+    files += _onnx_records(vision, "fp32")
+    if verify:
+        validation["vision_onnx"] = _check_onnx(vision["validation"])
+    if with_fp16:
+        steps.start("vision tower + connector -> vision-fp16.onnx")
+        with _quiet_onnx_exporter():
+            half = export_vision_onnx(model, folder / "vision-fp16.onnx", dtype="fp16", validate=verify,
+                                      progress=progress)
+        files += _onnx_records(half, "fp16")
+        if verify:
+            validation["vision_onnx_fp16"] = half["validation"]
+
+    if gguf:
+        from .gguf_llm import write_llm_gguf
+
+        steps.start(f"LLM + tokenizer -> llm-{precision.gguf_type}.gguf")
+        llm_path = folder / f"llm-{precision.gguf_type}.gguf"
+        written = folder / f"llm-{precision.llm_ftype.upper()}.gguf" if precision.finish else llm_path
+        llm = write_llm_gguf(model, tokenizer, written, ftype=precision.llm_ftype, template=template.name,
+                             progress=progress)
+        if precision.finish is not None:
+            precision.finish(written, llm_path)
+            written.unlink()
+        steps.start("probing llama.cpp's input-embedding path")
+        probe = _probe(llm_path, model, tokenizer, template)
+        files.append(file_record(
+            llm_path, "llm", "gguf", precision.gguf_type, architecture=llm["architecture"],
+            n_embd=config.hidden_size, n_vocab=llm["n_vocab"], context_length=llm["context_length"],
+            tokenizer_model=llm["tokenizer_model"], tokenizer_pre=llm["tokenizer_pre"], add_bos=llm["add_bos"],
+            chat_template=llm["template"], embd_input_scale=probe["embd_input_scale"],
+            embd_input_rule=probe["rule"], image_features_scale=model.image_features_scale,
+        ))
+        if mmproj:
+            steps.start(f"vision tower + connector -> mmproj-{precision.gguf_type}.gguf")
+            record, reason = _write_mmproj(model, folder, precision)
+            if record is None:
+                skipped.append({"role": "mmproj", "reason": reason})
+            else:
+                files.append(record)
+        else:
+            skipped.append({"role": "mmproj", "reason": "not asked for (mmproj=False)"})
+        if verify:
+            steps.start(f"checking {llm_path.name} against PyTorch with {check_images} image prompts")
+            validation.update(_verify_llm(model, tokenizer, template, folder, llm_path, files, precision,
+                                          probe, check_images, check_tokens))
+    vision_file = next(f for f in files if f["role"] == "vision" and f["quant"] == "fp32")
+    return {
+        "model": {
+            "llm_family": config.text_config.model_type,
+            "llm_architecture": next((f["architecture"] for f in files if f["role"] == "llm"), None),
+            "vision_tower": tower_for_config(config.vision_config).key,
+            "vision_model_type": config.vision_config.model_type,
+            "connector": config.connector_type,
+            "hidden_size": config.hidden_size,
+            "image_tokens": vision_file["n_tokens"],
+            "image_token_index": config.image_token_index,
+            "vocab_size": config.text_config.vocab_size,
+            "tokenizer_size": len(tokenizer),
+            "vision_feature_layer": config.vision_feature_layer,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "image_aspect_ratio": config.image_aspect_ratio,
+            "max_length": config.tokenizer_model_max_length,
+        },
+        "preprocess": preprocess_config(model).to_dict(),
+        "template": template.to_dict(),
+        "tokenizer": {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                      "pad_token_id": tokenizer.pad_token_id},
+        "files": files,
+        "skipped": skipped,
+        "validation": validation,
+    }
+
+
+@contextmanager
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """Hide torch.onnx's notes that do not concern this graph ("torchvision is not installed",
+    deprecations inside the exporter) while it runs."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _onnx_records(report: dict, quant: str) -> list[dict]:
+    graph = Path(report["path"])
+    records = [file_record(graph, "vision", "onnx", quant, inputs=report["inputs"], outputs=report["outputs"],
+                           io_dtype=report["io_dtype"], opset=report["opset"], image_size=report["image_size"],
+                           n_tokens=report["n_tokens"], hidden=report["hidden"],
+                           external_data=[Path(p).name for p in report["external_data"]])]
+    records += [file_record(Path(p), "vision_weights", "onnx-data", quant, graph=graph.name)
+                for p in report["external_data"]]
+    return records
+
+
+def _check_onnx(validation: dict) -> dict:
+    scale = validation["max_abs_diff"] / validation["max_rel_diff"] if validation["max_rel_diff"] else 1.0
+    limit = ONNX_FP32_TOL * max(1.0, scale)
+    rule = f"max_abs_diff <= {ONNX_FP32_TOL:g} * max(1, max |reference|) = {limit:.3g}"
+    out = {**validation, "bundle_tolerance": rule}
+    if validation["max_abs_diff"] > limit:
+        raise TinyLlavaError(f"check 'vision ONNX vs PyTorch' failed: max abs diff {validation['max_abs_diff']:.3g} "
+                             f"> {limit:.3g}")
+    return out
+
+
+def _probe(llm_path: Path, model, tokenizer, template) -> dict:
+    from tinyllava_edge.llamacpp import LlamaCppModel
+
+    from .checks import probe_embd_scale
+
+    ids = list(tokenizer(template.render_prompt("What is in the picture?"))["input_ids"])
+    with LlamaCppModel(llm_path, n_ctx=max(64, len(ids) + 8), n_threads=_threads(), kv_type="f32",
+                       flash_attn="off") as llm:
+        return probe_embd_scale(llm, model, ids)
+
+
+def _write_mmproj(model, folder: Path, precision: Precision) -> tuple[dict | None, str | None]:
+    from .mmproj import plan_mmproj, write_mmproj_gguf
+
+    try:
+        plan_mmproj(model)
+    except TinyLlavaError as err:  # a tower/connector stock llama.cpp cannot express: skipped, said why
+        return None, str(err)
+    path = folder / f"mmproj-{precision.gguf_type}.gguf"
+    report = write_mmproj_gguf(model, path, ftype=precision.mmproj_ftype)
+    return file_record(path, "mmproj", "gguf", precision.mmproj_ftype.upper(), projector_type="mlp",
+                       tower=report["tower"], n_tokens=report["n_tokens_stock"],
+                       n_tokens_model=report["n_tokens_model"],
+                       hidden=report["hidden"], feature_layer=report["feature_layer"],
+                       exact=False, deviations=report["deviations"]), None
+
+
+def _verify_llm(model, tokenizer, template, folder: Path, llm_path: Path, files: list[dict], precision: Precision,
+                probe: dict, check_images: int, check_tokens: int) -> dict:
+    import onnxruntime as ort
+
+    from tinyllava_edge.llamacpp import LlamaCppModel
+
+    from .checks import (
+        compare_with_images,
+        mmproj_figures,
+        synthetic_images,
+        tokenizer_parity,
+    )
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = _threads()
+    session = ort.InferenceSession(str(folder / "vision.onnx"), options, providers=["CPUExecutionProvider"])
+    n_tokens = next(f["n_tokens"] for f in files if f["role"] == "vision")
+    out: dict[str, Any] = {}
+    # F32 KV cache, no flash attention: what is measured is the file, not llama.cpp's rounding.
+    with LlamaCppModel(llm_path, n_ctx=n_tokens + check_tokens + 512, n_threads=_threads(), kv_type="f32",
+                       flash_attn="off") as llm:
+        parity = tokenizer_parity(tokenizer, llm, template)
+        out["tokenizer"] = parity
+        if parity["percent"] < 100.0:
+            raise TinyLlavaError(
+                f"check 'tokenizer parity' failed: llama.cpp and transformers agree on {parity['percent']:.1f} % of "
+                f"{parity['compared']} texts (first difference: {parity['mismatched'][0]!r}); 100 % is required"
+            )
+        figures = compare_with_images(
+            model, tokenizer, template, llm, lambda px: session.run(["image_embeds"], {"pixel_values": px})[0][0],
+            synthetic_images(check_images), new_tokens=check_tokens,
+            embd_scale=probe["embd_input_scale"] * model.image_features_scale, logits_tol=precision.logits_tol)
+    figures["llamacpp_settings"] = {"kv_type": "f32", "flash_attn": "off", "image_rows": "vision.onnx",
+                                    "embd_input_scale": probe["embd_input_scale"],
+                                    "image_features_scale": model.image_features_scale}
+    figures["embd_scale_probe"] = probe
+    figures["logits_tolerance"] = precision.logits_tol
+    out["llm"] = figures
+    if figures["logits_rel_diff"] > precision.logits_tol:
+        raise TinyLlavaError(
+            "check 'LLM with image, llama.cpp vs PyTorch' failed: prompt logits differ by "
+            f"{figures['logits_rel_diff']:.3g} of the largest logit (max abs {figures['logits_max_abs_diff']:.3g}); "
+            f"expected <= {precision.logits_tol:g}"
+        )
+    failed = figures["prompts"] - figures["greedy_identical"] - figures["greedy_ties"]
+    if precision.exact_greedy and failed:
+        raise TinyLlavaError(
+            f"check 'greedy tokens, llama.cpp vs PyTorch' failed: {failed} of {figures['prompts']} image prompts "
+            f"decode differently (beyond rounding ties) from the {precision.gguf_type} file"
+        )
+    mmproj_file = next((f for f in files if f["role"] == "mmproj"), None)
+    if mmproj_file is not None:
+        figures_mm = mmproj_figures(folder / mmproj_file["name"], llm_path, model)
+        out["mmproj"] = {**figures_mm, "known_deviations": mmproj_file["deviations"],
+                         "note": "stock llama.cpp mtmd vs PyTorch on one square image; recorded, not failed"}
+    return out
+
+
+def _threads() -> int:
+    """llama.cpp and onnxruntime use as many threads as torch was given (OMP_NUM_THREADS)."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+# -- files and folders ----------------------------------------------------------------------------
+
+def _check_destination(final: Path, overwrite: bool) -> None:
+    if final.is_file() or (final.exists() and not final.is_dir()):
+        raise TinyLlavaError(f"output path {final} is a file; expected a directory for the bundle")
+    parent = final.parent
+    for above in (parent, *parent.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise TinyLlavaError(f"cannot create the bundle directory {final}: {above} is a file")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise TinyLlavaError(f"cannot write the bundle {final}: {above} is not writable")
+            break
+    if final.is_dir() and any(final.iterdir()):
+        if not overwrite:
+            raise TinyLlavaError(f"output directory {final} is not empty; pass overwrite=True (--overwrite) to "
+                                 "replace a previous bundle")
+        if not is_bundle(final):
+            raise TinyLlavaError(f"output directory {final} is not empty and holds no bundle {MANIFEST_NAME}; "
+                                 "refusing to replace it")
+
+
+def _staging_dir(final: Path) -> Path:
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise TinyLlavaError(f"cannot write the bundle {final} ({exc.strerror or exc})") from None
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished bundle to `final`, replacing an empty dir or (checked before) an old bundle."""
+    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / final.name)
+    try:
+        os.replace(staging, final)
+    except OSError:
+        if old is not None:  # put the previous bundle back
+            os.replace(old / final.name, final)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _source_record(source: Path, layout: str) -> dict:
+    """The checkpoint's path, layout and the sha256 of its config and weights files."""
+    names = ["config.json"]
+    index = source / "model.safetensors.index.json"
+    if (source / "model.safetensors").is_file():
+        names.append("model.safetensors")
+    elif index.is_file():
+        import json
+
+        names.append(index.name)
+        names += sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    files = [{"name": n, "size": (source / n).stat().st_size, "sha256": sha256_file(source / n)} for n in names]
+    import hashlib
+
+    combined = hashlib.sha256("".join(f"{f['name']}:{f['sha256']}\n" for f in files[1:]).encode()).hexdigest()
+    return {"path": str(source.resolve()), "layout": layout, "sha256": combined, "files": files}
+
+
+_TOOLS = ("tinyllava-edge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "gguf", "llama_cpp_python",
+          "numpy")
+
+
+def _tool_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in _TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -1,0 +1,313 @@
+"""The bundle's checks against PyTorch: what `export_bundle(verify=True)` measures and records.
+
+* **LLM with an image.** Prompts built with the checkpoint's chat template (`Template.encode`,
+  `-200` where the image goes) run through `model.generate` (greedy) and through llama.cpp by
+  `tinyllava_edge.llamacpp` the way the edge runtime will: text tokenized by llama.cpp, the image
+  as embedding rows from the bundle's `vision.onnx`. Measured: max |logit difference| at the
+  prompt's last position, and whether the greedy tokens agree.
+* **Tokenizer parity.** transformers' ids against llama.cpp's on a corpus of unicode, digits,
+  whitespace runs, special tokens and template text, and on the encoded prompts themselves.
+* **Input-embedding scale.** How the llama.cpp in use treats injected rows, probed once per file
+  (see :func:`probe_embd_scale`); the factor goes into the manifest for the runtime.
+* **mmproj.** `measure_mmproj`'s figures (stock llama.cpp against PyTorch); recorded, never failed.
+
+Tolerances are stated as data next to the bit width that applies them (`bundle.PRECISIONS`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.llamacpp import LlamaCppModel, split_segments
+
+# Questions asked about the synthetic images, cycled.
+QUESTIONS = (
+    "What is in the picture?",
+    "Describe the image in detail.",
+    "What colour is the largest shape?",
+    "How many shapes are there?",
+    "Is there a circle in the image? Answer yes or no.",
+)
+
+# Tokenizer corpus: scripts, emoji (multi-codepoint too), digits, whitespace runs, code, and
+# text that starts with spaces. Special tokens and template text are added per tokenizer.
+PARITY_TEXTS = (
+    "Hello world",
+    "café naïve 日本語 😀 Ünïcödé straße",
+    "Привет, мир! Γειά σου κόσμε. مرحبا بالعالم",
+    "a😀b👍🏽c ✨ 🇩🇪 👨‍👩‍👧",
+    "12345 and 3.14159, 1,000,000 or 2026-11-26 at 07:45",
+    "It's I'M we'll they've",
+    "    four spaces\ttab\t\ttwo tabs",
+    "line\n\nbreaks\r\n end ",
+    "trailing spaces   ",
+    "def f(x):\n\treturn x  +  1\n",
+    " leading space",
+    "  two leading spaces",
+    "A red circle, a blue square and 3 green triangles.",
+)
+
+# What llama.cpp's input-embedding path may do to injected rows, relative to transformers'
+# `get_input_embeddings()` output: nothing, or what llama.cpp 0.3.36's gemma graph does (every
+# input row times sqrt(n_embd), injected rows included; upstream src/models/gemma.cpp now scales
+# token rows only, "not raw vector embeddings (e.g. visual tokens from mmproj)").
+_SCALE_CANDIDATES = {"none": lambda n_embd: 1.0, "divide by sqrt(n_embd)": lambda n_embd: 1.0 / math.sqrt(n_embd)}
+_SCALE_PROBE_TOL = 0.05  # relative logit gap a matching candidate stays under (a wrong one: ~0.3)
+
+
+def synthetic_images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """`n` RGB uint8 images (H, W, 3) of varied, non-square sizes: noise and drawn shapes in turn."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        height, width = (int(v) for v in rng.integers(24, 97, size=2))
+        if i % 2 == 0:
+            images.append(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+            continue
+        image = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 5))):
+            x0, y0 = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
+            x1, y1 = int(rng.integers(x0 + 4, width)), int(rng.integers(y0 + 4, height))
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            kind = int(rng.integers(0, 3))
+            if kind == 0:
+                draw.ellipse((x0, y0, x1, y1), fill=colour)
+            elif kind == 1:
+                draw.rectangle((x0, y0, x1, y1), fill=colour)
+            else:
+                draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=colour)
+        images.append(np.asarray(image, dtype=np.uint8))
+    return images
+
+
+def image_prompt(index: int) -> list[dict]:
+    return [{"from": "human", "value": "<image>\n" + QUESTIONS[index % len(QUESTIONS)]}]
+
+
+# -- tokenizer parity -------------------------------------------------------------------------------
+
+def _prefix_first_metaspace(tokenizer) -> bool:
+    """True for a SentencePiece tokenizer converted with Metaspace(prepend_scheme="first").
+
+    transformers adds the dummy-prefix "▁" only at the very start of such text, and not when it
+    already starts with a space; sentencepiece-style llama.cpp (add_space_prefix) adds it to
+    every text fragment, including those that start with a space and those after a special
+    token. (tinyllava_edge/testing/tokenizers.py, tinyllama; tests/test_export_gguf.py.)
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    text = repr(backend.pre_tokenizer) + repr(backend.normalizer)
+    return "Metaspace" in text and "prepend_scheme=first" in text
+
+
+def parity_corpus(tokenizer, template) -> list[str]:
+    """PARITY_TEXTS plus this tokenizer's special tokens inside text and the template's text."""
+    specials = [t for t in dict.fromkeys(tokenizer.all_special_tokens) if t]
+    with_specials = [f"Answer.{t}USER: next" for t in specials] + [f"{t}" for t in specials]
+    if len(specials) >= 2:
+        with_specials.append(f"{specials[0]} and {specials[1]}x")
+    prompt = template.render_prompt("<image>\nWhat is in the picture?")
+    conversation = template.render([{"from": "human", "value": "<image>\nWhat is it?"},
+                                    {"from": "gpt", "value": "A red circle."},
+                                    {"from": "human", "value": "And  the\tcolour?"},
+                                    {"from": "gpt", "value": "Red."}])
+    chunks = [c for c in prompt.split("<image>") if c]
+    return list(dict.fromkeys([*PARITY_TEXTS, *with_specials, prompt, conversation, *chunks]))
+
+
+def tokenizer_parity(tokenizer, llm: LlamaCppModel, template) -> dict:
+    """transformers vs llama.cpp ids on `parity_corpus` and on encoded image prompts.
+
+    Texts hit by the documented Metaspace(prepend_scheme="first") difference (see
+    `_prefix_first_metaspace`: text starting with a space, text after a special token) are listed
+    under `known_deviation` and left out of `percent`; every other text must match.
+    """
+    quirk = _prefix_first_metaspace(tokenizer)
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    compared = equal = 0
+    mismatched: list[str] = []
+    known: list[str] = []
+    for text in parity_corpus(tokenizer, template):
+        expected = list(tokenizer(text)["input_ids"])
+        got = llm.tokenize(text, add_special=True, parse_special=True)
+        if quirk and (text.startswith(" ") or _text_after_special(text, specials)):
+            if got != expected:
+                known.append(text)
+            continue
+        compared += 1
+        equal += got == expected
+        if got != expected:
+            mismatched.append(text)
+    adapter = LlamaCppTokenizer(llm, tokenizer)
+    for i in range(len(QUESTIONS)):
+        compared += 1
+        same = (template.encode(image_prompt(i), tokenizer, mode="eval")["input_ids"]
+                == template.encode(image_prompt(i), adapter, mode="eval")["input_ids"])
+        equal += same
+        if not same:
+            mismatched.append(template.render_prompt(image_prompt(i)))
+    report = {
+        "compared": compared,
+        "equal": equal,
+        "percent": 100.0 * equal / compared,
+        "mismatched": mismatched,
+        "known_deviation": known,
+    }
+    if quirk:
+        report["known_deviation_reason"] = (
+            "transformers' Metaspace(prepend_scheme='first') tokenizer adds no '▁' to text that starts with a space "
+            "or follows a special token, llama.cpp (add_space_prefix) does; multi-turn prompts (text after the "
+            "eos) tokenize differently in llama.cpp"
+        )
+    return report
+
+
+def _text_after_special(text: str, specials: Sequence[str]) -> bool:
+    return any(s in text and any(part for part in text.split(s)[1:]) for s in specials)
+
+
+class LlamaCppTokenizer:
+    """What `Template.encode` needs of a tokenizer, from llama.cpp (as the edge runtime will have).
+
+    `reference` (the transformers tokenizer) only lends the pad id and `legacy` flag, which
+    eval-mode encoding does not read.
+    """
+
+    def __init__(self, llm: LlamaCppModel, reference=None):
+        self.llm = llm
+        self.bos_token_id = llm.bos_id if llm.add_bos else None
+        self.eos_token_id = llm.eos_id
+        self.pad_token_id = getattr(reference, "pad_token_id", None)
+        self.model_max_length = getattr(reference, "model_max_length", 1 << 30)
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": self.llm.tokenize(text, add_special=True, parse_special=True)}
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text, add_special=True, parse_special=True)
+
+
+# -- input-embedding scale --------------------------------------------------------------------------
+
+def probe_embd_scale(llm: LlamaCppModel, model, ids: Sequence[int]) -> dict:
+    """The factor injected rows need so llama.cpp treats them as transformers does.
+
+    Decodes the same text once as token ids and once as transformers' input embeddings of those
+    ids times each candidate factor; the factor whose logits match the token path is the one.
+    """
+    import torch
+
+    ids = [int(i) for i in ids]
+    with torch.no_grad():
+        rows = model.get_input_embeddings()(torch.tensor(ids)).float().numpy()
+    reference = llm.prefill([ids])
+    scale = max(1.0, float(np.abs(reference).max()))
+    gaps = {}
+    for name, factor in _SCALE_CANDIDATES.items():
+        value = factor(llm.n_embd)
+        gaps[name] = (value, float(np.abs(llm.prefill([rows * value]) - reference).max()) / scale)
+    best = min(gaps, key=lambda k: gaps[k][1])
+    value, gap = gaps[best]
+    if gap > _SCALE_PROBE_TOL:
+        raise TinyLlavaError(
+            f"llama.cpp treats injected embeddings of {llm.path.name} in a way none of the known scalings match "
+            f"(best: {best}, relative logit gap {gap:.3g}); image embeddings cannot be fed to it"
+        )
+    return {"embd_input_scale": value, "rule": best, "relative_logit_gap": gap,
+            "gaps": {k: v[1] for k, v in gaps.items()}}
+
+
+# -- LLM with images --------------------------------------------------------------------------------
+
+def compare_with_images(model, tokenizer, template, llm: LlamaCppModel, encode_image, images: Sequence[np.ndarray],
+                        *, new_tokens: int, embd_scale: float, logits_tol: float) -> dict:
+    """Greedy decoding and prompt logits, torch vs llama.cpp, one image prompt per image.
+
+    `encode_image(pixel_values (1, 3, H, W) float32) -> (N, n_embd)` is the bundle's vision
+    graph. Both sides stop at the tokenizer's eos (or run `new_tokens`). A greedy disagreement is
+    a `tie` when, at the first differing step, torch's own logits for the two tokens are closer
+    than `logits_tol` (relative): a rounding difference may pick either.
+    """
+    import torch
+
+    from tinyllava_edge.data.preprocess import preprocess
+
+    from .onnx_vision import preprocess_config
+
+    pre = preprocess_config(model)
+    adapter = LlamaCppTokenizer(llm, tokenizer)
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    prompts = []
+    for i, image in enumerate(images):
+        messages = image_prompt(i)
+        hf_ids = template.encode(messages, tokenizer, mode="eval")["input_ids"]
+        edge_ids = template.encode(messages, adapter, mode="eval")["input_ids"]
+        pixels = preprocess(image, pre)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([hf_ids]), images=torch.from_numpy(pixels), max_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=stop or None, pad_token_id=pad, output_logits=True,
+                                 return_dict_in_generate=True)
+        torch_tokens = out.sequences[0].tolist()
+        torch_logits = [step[0].float().numpy() for step in out.logits]
+        rows = np.asarray(encode_image(pixels), dtype=np.float32) * embd_scale
+        edge_tokens, edge_logits = llm.generate(split_segments(edge_ids, [rows]), new_tokens, stop_ids=stop,
+                                                return_logits=True)
+        reference = torch_logits[0]
+        scale = max(1.0, float(np.abs(reference).max()))
+        diff = float(np.abs(edge_logits - reference).max())
+        record = {
+            "question": messages[0]["value"].split("\n", 1)[1],
+            "image_shape": list(np.asarray(image).shape),
+            "prompt_ids_equal": edge_ids == hf_ids,
+            "logits_max_abs_diff": diff,
+            "logits_rel_diff": diff / scale,
+            "torch_tokens": torch_tokens,
+            "llamacpp_tokens": edge_tokens,
+            "greedy_identical": edge_tokens == torch_tokens,
+        }
+        if not record["greedy_identical"]:
+            step = next((k for k, (a, b) in enumerate(zip(torch_tokens, edge_tokens)) if a != b),
+                        min(len(torch_tokens), len(edge_tokens)))
+            record["first_difference"] = step
+            if step < min(len(torch_tokens), len(edge_tokens)):
+                logits = torch_logits[step]
+                margin = float(logits[torch_tokens[step]] - logits[edge_tokens[step]])
+                record["torch_margin"] = margin
+                record["tie"] = margin / max(1.0, float(np.abs(logits).max())) <= logits_tol
+            else:
+                record["tie"] = False  # one side stopped early: not a rounding tie
+        prompts.append(record)
+    return {
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "logits_max_abs_diff": max(p["logits_max_abs_diff"] for p in prompts),
+        "logits_rel_diff": max(p["logits_rel_diff"] for p in prompts),
+        "greedy_identical": sum(p["greedy_identical"] for p in prompts),
+        "greedy_ties": sum(bool(p.get("tie")) for p in prompts),
+        "prompt_ids_equal": sum(p["prompt_ids_equal"] for p in prompts),
+        "per_prompt": prompts,
+    }
+
+
+# -- mmproj -----------------------------------------------------------------------------------------
+
+def mmproj_figures(mmproj_path: Path, llm_path: Path, model, seed: int = 0) -> dict:
+    """`measure_mmproj` on a square image at the tower's size (both preprocessings are then the identity)."""
+    from .validate import measure_mmproj
+
+    size = model.config.vision_config.image_size
+    image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    m = measure_mmproj(mmproj_path, llm_path, model, image)
+    keep = ("n_tokens_stock", "n_tokens_torch", "aligned", "min_cosine", "mean_cosine", "max_abs_diff", "max_rel_diff")
+    return {k: m[k] for k in keep}
+

@@ -1,0 +1,108 @@
+"""``tinyllava-export``: a checkpoint -> an edge bundle (vision ONNX, LLM GGUF, mmproj, manifest.json).
+
+A thin layer over :func:`tinyllava_edge.export.export_bundle`; its defaults are the library's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import USER_ERRORS, fail, human_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # export.bundle imports nothing heavy at module level: --help stays fast.
+    from ..export.bundle import (
+        BITS,
+        DEFAULT_BITS,
+        DEFAULT_CHECK_IMAGES,
+        DEFAULT_CHECK_TOKENS,
+        DEFAULT_FORMAT,
+        FORMATS,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="tinyllava-export",
+        description="Export a TinyLLaVA checkpoint (Factory, legacy TinyLLaVABench or HF LLaVA layout) as an edge "
+                    "bundle: vision.onnx, llm-<TYPE>.gguf, mmproj-<TYPE>.gguf (stock llama.cpp) and manifest.json. "
+                    "Every part is checked against PyTorch unless --no-verify.",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    parser.add_argument("--out", required=True, type=Path, help="bundle directory to create")
+    parser.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
+                        help="gguf: vision ONNX + LLM GGUF + mmproj; onnx: the vision ONNX alone (%(default)s)")
+    parser.add_argument("--bits", type=int, choices=BITS, default=DEFAULT_BITS,
+                        help="16: F16 GGUF files; 32: F32; 4 and 8 need the quantization stage (%(default)s)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the checks against PyTorch")
+    parser.add_argument("--no-mmproj", action="store_true", help="do not write the stock-llama.cpp mmproj")
+    parser.add_argument("--onnx-fp16", action="store_true", help="also write vision-fp16.onnx")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous bundle at --out")
+    parser.add_argument("--check-images", type=int, default=DEFAULT_CHECK_IMAGES,
+                        help="image prompts the LLM check runs (%(default)s)")
+    parser.add_argument("--check-tokens", type=int, default=DEFAULT_CHECK_TOKENS,
+                        help="greedy tokens per check prompt (%(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..export import export_bundle
+
+    return export_bundle(args.model, args.out, fmt=args.format, bits=args.bits, mmproj=not args.no_mmproj,
+                         verify=not args.no_verify, progress=not args.quiet, onnx_fp16=args.onnx_fp16,
+                         overwrite=args.overwrite, check_images=args.check_images, check_tokens=args.check_tokens)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """What was written where, with sizes, then the measured fidelity."""
+    manifest = result["manifest"]
+    out = Path(result["path"])
+    lines = [f"bundle {out} ({manifest['format']}, {manifest['bits']}-bit) written in {result['seconds']:.1f} s"]
+    for f in manifest["files"]:
+        lines.append(f"  {f['name']:22s} {f['role']:8s} {f['quant']:5s} {human_size(f['size']):>10s}")
+    lines.append(f"  {'manifest.json':22s} {'':8s} {'':5s} {human_size((out / 'manifest.json').stat().st_size):>10s}")
+    for s in manifest["skipped"]:
+        lines.append(f"  skipped {s['role']}: {s['reason']}")
+    v = manifest["validation"]
+    if not v.get("enabled"):
+        lines.append("fidelity: not measured (--no-verify)")
+        return lines
+    lines.append("fidelity against PyTorch:")
+    if "vision_onnx" in v:
+        lines.append(f"  vision ONNX fp32  max abs diff {v['vision_onnx']['max_abs_diff']:.2g}")
+    if "vision_onnx_fp16" in v:
+        half = v["vision_onnx_fp16"]
+        lines.append(f"  vision ONNX fp16  max abs diff {half['max_abs_diff']:.2g}, min token cosine "
+                     f"{half['min_token_cosine']:.5f}")
+    if "llm" in v:
+        llm = v["llm"]
+        ties = f", {llm['greedy_ties']} rounding ties" if llm["greedy_ties"] else ""
+        lines.append(f"  LLM with image    prompt logits max abs diff {llm['logits_max_abs_diff']:.2g} "
+                     f"(relative {llm['logits_rel_diff']:.2g}); greedy tokens identical on "
+                     f"{llm['greedy_identical']}/{llm['prompts']} prompts x {llm['new_tokens']} tokens{ties}")
+    if "tokenizer" in v:
+        tok = v["tokenizer"]
+        known = f" ({len(tok['known_deviation'])} texts with the documented leading-'▁' difference left out)" \
+            if tok["known_deviation"] else ""
+        lines.append(f"  tokenizer         {tok['percent']:.1f} % of {tok['compared']} texts identical{known}")
+    if "mmproj" in v:
+        mm = v["mmproj"]
+        lines.append(f"  mmproj (stock)    min token cosine {mm['min_cosine']:.4f}, {mm['n_tokens_stock']} tokens vs "
+                     f"{mm['n_tokens_torch']}; {len(mm['known_deviations'])} known deviations (see manifest.json)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except USER_ERRORS as err:
+        return fail(err)
+    print("\n".join(summary_lines(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

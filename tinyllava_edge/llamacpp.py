@@ -1,0 +1,389 @@
+"""A small wrapper over llama-cpp-python's low-level API: a GGUF LLM fed tokens *and* image rows.
+
+The high-level `llama_cpp.Llama` only takes token ids; a LLaVA-style model needs the image's
+feature rows spliced between text tokens. llama.cpp takes them as an embeddings batch
+(`llama_batch_init(n, n_embd, 1)` + `batch.embd` + `llama_decode`, DESIGN.md), in a batch of its
+own: a batch holds either tokens or embeddings, never both.
+
+    with LlamaCppModel("llm-F16.gguf", n_ctx=2048) as llm:
+        ids = llm.generate([prompt_ids, image_rows, more_ids], max_new_tokens=32)
+
+A *segment* is a list of token ids or a float32 array (n, n_embd) of input embeddings (what the
+vision graph returns for one image). Decoding is greedy: what the export checks compare.
+
+No torch here (DESIGN.md: the edge runtime runs with numpy and llama-cpp-python alone).
+
+llama.cpp's own log goes through one module-level callback that keeps the last lines in memory
+(`recent_log()`) instead of printing them; the callback object stays referenced for the life of
+the process (a collected ctypes callback segfaults, DESIGN.md). Installing it replaces
+llama-cpp-python's printing logger process-wide.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+from .errors import TinyLlavaError
+
+# KV-cache element types by name (ggml_type values, ggml.h). llama.cpp defaults to F16; F32
+# makes the cache exact, so a comparison measures the weights file and nothing else.
+KV_TYPES = MappingProxyType({"f16": 1, "f32": 0})
+# llama_flash_attn_type (llama.h). "auto" lets llama.cpp choose (on where it helps); flash
+# attention on the CPU rounds through F16 even with an F32 cache (measured on the Qwen2 miniature,
+# F32 file: max |logit diff| 5e-4 with it, 1e-6 without), so exact comparisons turn it off.
+FLASH_ATTN = MappingProxyType({"auto": -1, "off": 0, "on": 1})
+DEFAULT_N_BATCH = 512
+_LOG_LINES_KEPT = 40
+
+_log_lines: deque[str] = deque(maxlen=_LOG_LINES_KEPT)
+_log_callback = None  # the ctypes callback; referenced here for the life of the process
+_backend_ready = False
+
+
+def _keep_log(level: int, text: bytes, user_data) -> None:
+    _log_lines.append(text.decode("utf-8", "replace"))
+
+
+def _install_log() -> None:
+    """Route llama.cpp's log into `_log_lines` (and init the backend) once per process."""
+    global _log_callback, _backend_ready
+    import llama_cpp
+
+    if _log_callback is None:
+        _log_callback = llama_cpp.llama_log_callback(_keep_log)
+    # Set every time: another library (llama-cpp-python's `Llama`, mtmd helpers) may have put its
+    # own back since.
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def recent_log() -> list[str]:
+    """The last lines llama.cpp logged through this module (oldest first)."""
+    return "".join(_log_lines).splitlines()
+
+
+def _log_reason() -> str:
+    """The most telling recent log line: the last error-looking one, else the last one."""
+    lines = [line.strip() for line in recent_log() if line.strip()]
+    for line in reversed(lines):
+        if any(word in line.lower() for word in ("error", "failed", "invalid", "unknown", "cannot")):
+            return line
+    return lines[-1] if lines else "no log output"
+
+
+class LlamaCppModel:
+    """One GGUF model with one context (one sequence), greedy decoding over token/embedding segments.
+
+    `n_ctx` tokens of context (llama.cpp may round it up; `self.n_ctx` is what it made);
+    `n_threads` CPU threads (default: up to 4); `n_gpu_layers` layers offloaded where llama.cpp
+    was built with a GPU backend; `kv_type` "f16" (llama.cpp's default) or "f32"; `flash_attn`
+    "auto" | "on" | "off" ("off" for exact comparisons); `vocab_only` loads the tokenizer alone
+    (no context: tokenize/detokenize only).
+    Raises TinyLlavaError, with llama.cpp's last log line, for a file llama.cpp refuses.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: str = "auto",
+                 n_batch: int = DEFAULT_N_BATCH, vocab_only: bool = False):
+        self._model = None
+        self._ctx = None
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.path = Path(path)
+        if kv_type not in KV_TYPES:
+            raise TinyLlavaError(f"llama.cpp KV-cache type {kv_type!r} is not supported; expected one of "
+                                 f"{', '.join(KV_TYPES)}")
+        if flash_attn not in FLASH_ATTN:
+            raise TinyLlavaError(f"flash_attn {flash_attn!r} is not one of {', '.join(FLASH_ATTN)}")
+        if not self.path.is_file():
+            raise TinyLlavaError(f"GGUF model file {self.path} does not exist")
+        _install_log()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
+        self._model = llama_cpp.llama_model_load_from_file(os.fsencode(self.path), params)
+        if not self._model:
+            self._model = None
+            raise TinyLlavaError(f"llama.cpp cannot load {self.path} ({_log_reason()})")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
+        self.bos_id = int(llama_cpp.llama_vocab_bos(self._vocab))
+        self.eos_id = int(llama_cpp.llama_vocab_eos(self._vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.n_past = 0
+        self.n_ctx = 0
+        self.n_batch = 0
+        if vocab_only:
+            return
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        self.n_batch = min(n_batch, n_ctx)
+        ctx_params.n_batch = ctx_params.n_ubatch = self.n_batch
+        ctx_params.n_seq_max = 1
+        threads = n_threads or min(4, os.cpu_count() or 1)
+        ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        ctx_params.type_k = ctx_params.type_v = KV_TYPES[kv_type]
+        ctx_params.flash_attn_type = FLASH_ATTN[flash_attn]
+        ctx_params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            self._ctx = None
+            self.close()
+            raise TinyLlavaError(f"llama.cpp cannot make a {n_ctx}-token context for {self.path} ({_log_reason()})")
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context and the model (idempotent)."""
+        if self._ctx is not None:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> LlamaCppModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_lib", None) is not None:
+            self.close()
+
+    def _need_ctx(self):
+        if self._ctx is None:
+            raise TinyLlavaError(f"{self.path} was loaded vocab-only (or closed); it has no context to decode in")
+        return self._ctx
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or None when the file lacks it (vocab-only models too:
+        llama.cpp leaves their hparams unset, so `llama_model_n_layer` & co. read 0 or abort)."""
+        if self._model is None:
+            raise TinyLlavaError(f"{self.path} is closed")
+        capacity = 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(capacity)
+            n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buf, capacity)
+            if n < 0:
+                return None
+            if n < capacity:
+                return buf.value.decode("utf-8", "replace")
+            capacity = n + 1
+        raise TinyLlavaError(f"llama.cpp could not read the metadata value {key!r} of {self.path.name}")
+
+    def context_length(self) -> int | None:
+        """The context the model was trained for (`<arch>.context_length`)."""
+        return self._meta_int("context_length")
+
+    def kv_bytes_per_token(self, kv_type: str = "f16") -> int:
+        """KV-cache bytes per position: layers x KV heads x (key + value head size) x element size."""
+        if kv_type not in KV_TYPES:
+            raise TinyLlavaError(f"llama.cpp KV-cache type {kv_type!r} is not supported; expected one of "
+                                 f"{', '.join(KV_TYPES)}")
+        n_layer = self._meta_int("block_count")
+        n_head = self._meta_int("attention.head_count")
+        n_embd = self._meta_int("embedding_length")
+        if not (n_layer and n_head and n_embd):
+            raise TinyLlavaError(f"{self.path.name} lacks the layer count, head count or width in its metadata")
+        n_head_kv = self._meta_int("attention.head_count_kv") or n_head
+        key = self._meta_int("attention.key_length") or n_embd // n_head
+        value = self._meta_int("attention.value_length") or key
+        return n_layer * n_head_kv * (key + value) * {"f16": 2, "f32": 4}[kv_type]
+
+    def _meta_int(self, name: str) -> int | None:
+        arch = self.meta("general.architecture")
+        value = self.meta(f"{arch}.{name}") if arch else None
+        try:
+            return int(value) if value is not None else None
+        except ValueError:  # a per-layer array: not one number
+            return None
+
+    # -- text --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special` adds the BOS the vocabulary asks for, `parse_special`
+        matches special tokens written in the text (as transformers does)."""
+        if self._model is None:
+            raise TinyLlavaError(f"{self.path} is closed")
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        for _ in range(2):
+            buf = (self._lib.llama_token * capacity)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n  # too small: llama.cpp says how many it needs
+        raise TinyLlavaError(f"llama.cpp could not tokenize a {len(data)}-byte text")
+
+    def detokenize(self, ids: Sequence[int], remove_special: bool = False, unparse_special: bool = False) -> str:
+        """Text of token ids (invalid UTF-8 from a cut multi-byte character becomes U+FFFD)."""
+        if self._model is None:
+            raise TinyLlavaError(f"{self.path} is closed")
+        tokens = (self._lib.llama_token * max(1, len(ids)))(*ids)
+        capacity = 8 * len(ids) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(capacity)
+            n = self._lib.llama_detokenize(self._vocab, tokens, len(ids), buf, capacity, remove_special,
+                                           unparse_special)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            capacity = -n
+        raise TinyLlavaError(f"llama.cpp could not detokenize {len(ids)} tokens")
+
+    def token_to_piece(self, token: int, special: bool = False) -> bytes:
+        """The raw bytes of one token (a piece of a multi-byte character may be cut; streaming
+        decoders join them); control tokens give b"" unless `special`."""
+        if self._model is None:
+            raise TinyLlavaError(f"{self.path} is closed")
+        capacity = 32
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(capacity)
+            n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, capacity, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            capacity = -n
+        raise TinyLlavaError(f"llama.cpp could not render token {token}")
+
+    def is_eog(self, token: int) -> bool:
+        """True for a token that ends generation in this vocabulary (EOS, EOT, ...)."""
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Empty the KV cache: the next decode starts at position 0."""
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._need_ctx()), True)
+        self.n_past = 0
+
+    def decode_tokens(self, ids: Sequence[int]) -> np.ndarray:
+        """Append token ids at the current position; returns the last position's logits (n_vocab,)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise TinyLlavaError("decode_tokens needs at least one token id")
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise TinyLlavaError(f"token id {bad[0]} is outside the vocabulary of {self.path.name} "
+                                 f"(0..{self.n_vocab - 1})")
+        return self._decode(len(ids), lambda batch, start, n: _fill_tokens(batch, ids[start:start + n]), embd=0)
+
+    def decode_embeddings(self, rows: np.ndarray) -> np.ndarray:
+        """Append input-embedding rows (n, n_embd) at the current position; returns the last logits."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.n_embd or len(rows) == 0:
+            raise TinyLlavaError(f"embeddings for {self.path.name} must have shape (n, {self.n_embd}) with n >= 1; "
+                                 f"got {rows.shape}")
+        return self._decode(len(rows), lambda batch, start, n: _fill_embd(batch, rows[start:start + n]),
+                            embd=self.n_embd)
+
+    def _decode(self, total: int, fill, embd: int) -> np.ndarray:
+        ctx = self._need_ctx()
+        if self.n_past + total > self.n_ctx:
+            raise TinyLlavaError(f"{self.n_past + total} positions do not fit the {self.n_ctx}-token context of "
+                                 f"{self.path.name}")
+        batch = self._lib.llama_batch_init(self.n_batch, embd, 1)
+        try:
+            for start in range(0, total, self.n_batch):
+                n = min(self.n_batch, total - start)
+                fill(batch, start, n)
+                batch.n_tokens = n
+                for i in range(n):
+                    batch.pos[i] = self.n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 0
+                last = start + n == total
+                batch.logits[n - 1] = 1 if last else 0
+                status = self._lib.llama_decode(ctx, batch)
+                if status != 0:
+                    raise TinyLlavaError(f"llama_decode failed with status {status} at position {self.n_past} "
+                                         f"({_log_reason()})")
+                self.n_past += n
+        finally:
+            self._lib.llama_batch_free(batch)
+        return self.logits()
+
+    def logits(self) -> np.ndarray:
+        """A copy of the logits (n_vocab,) of the last position decoded."""
+        ptr = self._lib.llama_get_logits_ith(self._need_ctx(), -1)
+        if not ptr:
+            raise TinyLlavaError("llama.cpp holds no logits yet; decode something first")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def prefill(self, segments: Iterable) -> np.ndarray:
+        """Clear the cache and decode `segments` (token-id lists and (n, n_embd) arrays) in order;
+        returns the last position's logits."""
+        self.clear()
+        logits = None
+        for segment in segments:
+            if isinstance(segment, np.ndarray) and segment.dtype.kind == "f":
+                logits = self.decode_embeddings(segment)
+            elif len(segment):
+                logits = self.decode_tokens(segment)
+        if logits is None:
+            raise TinyLlavaError("a prompt needs at least one token or embedding row")
+        return logits
+
+    def generate(self, segments: Iterable, max_new_tokens: int, stop_ids: Iterable[int] | None = None,
+                 return_logits: bool = False):
+        """Greedy continuation of `segments`: up to `max_new_tokens` ids, stopping after a stop id
+        (default: the vocabulary's end-of-generation tokens; pass `()` for exactly
+        `max_new_tokens`). With `return_logits`, also the prompt's last-position logits."""
+        first = logits = self.prefill(segments)
+        stops = None if stop_ids is None else {int(i) for i in stop_ids}
+        out: list[int] = []
+        for step in range(max_new_tokens):
+            token = int(np.argmax(logits))
+            out.append(token)
+            if (self.is_eog(token) if stops is None else token in stops) or step == max_new_tokens - 1:
+                break
+            logits = self.decode_tokens([token])
+        return (out, first) if return_logits else out
+
+
+def _fill_tokens(batch, ids: Sequence[int]) -> None:
+    for i, token in enumerate(ids):
+        batch.token[i] = token
+
+
+def _fill_embd(batch, rows: np.ndarray) -> None:
+    # batch.embd holds n_batch * n_embd floats, row-major like `rows`
+    ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+
+
+def split_segments(input_ids: Sequence[int], images: Sequence[np.ndarray], image_token: int = -200) -> list:
+    """Prompt ids with `image_token` placeholders -> segments, the i-th placeholder taking images[i]."""
+    segments: list = []
+    text: list[int] = []
+    used = 0
+    for token in input_ids:
+        if token != image_token:
+            text.append(int(token))
+            continue
+        if used == len(images):
+            raise TinyLlavaError(f"the prompt has more image placeholders than the {len(images)} images given")
+        if text:
+            segments.append(text)
+            text = []
+        segments.append(np.asarray(images[used], dtype=np.float32))
+        used += 1
+    if used != len(images):
+        raise TinyLlavaError(f"the prompt has {used} image placeholders for {len(images)} images")
+    if text:
+        segments.append(text)
+    return segments

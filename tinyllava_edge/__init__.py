@@ -1,11 +1,20 @@
 """tinyllava-edge: train, export, quantize and run small LLaVA-style vision-language models.
 
 Importing this package is light: no torch. The model framework lives in
-``tinyllava_edge.model`` (which needs the ``torch`` extra).
+``tinyllava_edge.model`` (which needs the ``torch`` extra); ``tinyllava_edge.load`` (the runtime)
+is imported on first use and runs a bundle without torch.
 """
 
 from .errors import TinyLlavaError
 
 __version__ = "0.1.0"
 
-__all__ = ["TinyLlavaError", "__version__"]
+__all__ = ["TinyLlavaError", "__version__", "load"]
+
+
+def __getattr__(name: str):
+    if name == "load":
+        from .runtime import load
+
+        return load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

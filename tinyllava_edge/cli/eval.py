@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), help="which benchmark")
-    parser.add_argument("--model", type=Path, help="checkpoint directory (not needed with --score-only)")
+    parser.add_argument("--model", type=Path, help="checkpoint directory, or a bundle written by tinyllava-export "
+                                                   "(run by the edge runtime; not needed with --score-only)")
     parser.add_argument("--questions", type=Path, help="the benchmark's question file")
     parser.add_argument("--image-folder", type=Path, help="directory the question files' image names are relative to")
     parser.add_argument("--annotations", type=Path, help="ground truth: a file or directory, per benchmark")
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad records (broken lines, missing images, unknown ids) and count them "
                              "in results.json instead of stopping")
-    parser.add_argument("--device", default="cpu", help="torch device for the model (%(default)s)")
+    parser.add_argument("--device", default="cpu", help="a checkpoint's torch device (cpu, cuda, cuda:1), or a "
+                                                        "bundle's runtime device (auto, cpu, cuda, jetson) (%(default)s)")
     parser.add_argument("--template", help="chat template name (default: the LLM family's)")
     parser.add_argument("--score-only", action="store_true", help="score --answers without running a model")
     parser.add_argument("--answers", type=Path, help="with --score-only: a LLaVA answers .jsonl to score")
@@ -85,16 +87,23 @@ def run(args: argparse.Namespace) -> dict:
     if args.answers is not None:
         raise TinyLlavaError("--answers is read with --score-only; without it the model writes the answers")
     if args.model is None:
-        raise TinyLlavaError("--model is needed (a checkpoint directory), or --score-only with --answers")
-    from ..eval import TorchPredictor
+        raise TinyLlavaError("--model is needed (a checkpoint or bundle directory), or --score-only with --answers")
+    from ..eval import RuntimePredictor, TorchPredictor
+    from ..runtime.loader import backend_kind
 
     max_new_tokens = args.max_new_tokens or bench.max_new_tokens
     settings = {"batch_size": args.batch_size, "max_new_tokens": max_new_tokens, "device": args.device,
                 "template": args.template or "the LLM family's", "checkpoint": str(args.model)}
 
-    def load_predictor() -> TorchPredictor:  # called after the benchmark files are checked
-        predictor = TorchPredictor(args.model, batch_size=args.batch_size, device=args.device,
-                                   max_new_tokens=max_new_tokens, template=args.template)
+    def load_predictor() -> TorchPredictor | RuntimePredictor:  # called after the benchmark files are checked
+        kind = backend_kind(args.model)  # "edge" for a bundle, "torch" for a checkpoint
+        settings["backend"] = "edge runtime (onnxruntime + llama.cpp)" if kind == "edge" else "torch"
+        if kind == "edge":
+            predictor = RuntimePredictor(args.model, batch_size=args.batch_size, device=args.device,
+                                         max_new_tokens=max_new_tokens, template=args.template)
+        else:
+            predictor = TorchPredictor(args.model, batch_size=args.batch_size, device=args.device,
+                                       max_new_tokens=max_new_tokens, template=args.template)
         settings["template"] = predictor.template.name
         return predictor
 

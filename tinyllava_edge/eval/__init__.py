@@ -19,7 +19,7 @@ from . import mmvet, scienceqa, shapes, vqa, yesno  # noqa: F401
 from .benchmark import BENCHMARKS, Benchmark, Truth, get_benchmark
 from .formats import Answer, BadData, BadRecordError, Question, Sources, read_answers
 from .normalize import normalize_answer
-from .predictor import Predictor, Request, TorchPredictor
+from .predictor import Predictor, Request, RuntimePredictor, TorchPredictor
 from .runner import ANSWERS_FILE, MARKDOWN_FILE, RESULTS_FILE, run_benchmark, score_answers
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Predictor",
     "Question",
     "Request",
+    "RuntimePredictor",
     "Sources",
     "TorchPredictor",
     "Truth",

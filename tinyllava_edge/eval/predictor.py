@@ -4,7 +4,8 @@ so the edge runtime (ONNX + llama.cpp) plugs in beside :class:`TorchPredictor`.
 :class:`TorchPredictor` answers as TinyLLaVA_Factory's ``model_vqa_loader.py`` does: the
 question becomes ``"<image>\\n" + question`` when there is an image, is rendered with the chat
 template of the LLM family (``default_template_for_family``), the image is preprocessed for the
-checkpoint's tower, and decoding is greedy. Unlike Factory (batch size 1) it decodes in
+checkpoint's tower, and decoding is greedy. :class:`RuntimePredictor` answers the same way through
+``tinyllava_edge.runtime`` (a bundle: onnxruntime + llama.cpp, no torch; or a checkpoint). Unlike Factory (batch size 1) it decodes in
 batches: the model pads on the left itself; rows are padded on the left here too, so text-only
 batches decode correctly as well. torch is imported when a TorchPredictor is made, so the
 protocol (and the runner) import without it. An answer ends at the first EOS token and is cut at the
@@ -133,3 +134,36 @@ class TorchPredictor:
             if stop:
                 text = text.split(stop, 1)[0]
         return text.strip()
+
+
+class RuntimePredictor:
+    """A bundle (or a checkpoint) through ``tinyllava_edge.runtime.load``: greedy, the batch's
+    images through the vision encoder together, the answers one after another (one KV cache).
+
+    ``device`` is the runtime's (auto, cpu, cuda, jetson); ``options`` go to ``load`` (e.g.
+    ``n_threads``, ``kv_type``). Answers are cut at the template's stop strings and stripped, as
+    TorchPredictor's.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, template: str | None = None, **options: Any):
+        from ..runtime import load
+
+        if batch_size < 1:
+            raise TinyLlavaError(f"batch size must be at least 1, got {batch_size}")
+        if max_new_tokens < 1:
+            raise TinyLlavaError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if template is not None:
+            options["template"] = template
+        self.vlm = load(model_dir, device=device, vision_batch_size=batch_size, **options)
+        self.template = self.vlm.template
+        self.model_id = Path(model_dir).resolve().name
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+
+    def predict(self, requests: Sequence[Request | tuple[ImageLike, str]]) -> list[str]:
+        # The template removes "<image>" from a question and puts one in front; the runtime
+        # places the image itself, so a stray marker in a question file is dropped here.
+        pairs = [(r[0], r[1].replace(DEFAULT_IMAGE_TOKEN, "").strip()) for r in requests]
+        texts = self.vlm.generate_batch(pairs, max_new_tokens=self.max_new_tokens, temperature=0.0)
+        return [t.strip() for t in texts]

@@ -1,0 +1,567 @@
+"""The runtime: `tinyllava_edge.load` on a bundle (edge) and a checkpoint (torch), chat, caches, devices.
+
+One Qwen2 miniature, exported once as an F32 bundle. The edge side runs llama.cpp with an F32 KV
+cache and flash attention off, so it can be held to the torch backend token for token. The
+miniature's random weights answer greedily with one repeated token, so agreement is checked on
+seeded sampling (temperature 1: varied tokens, the same draw wherever the logits agree) as well.
+
+Measured here (1 thread): prompt logits edge vs torch 4.8e-7 of the largest logit; greedy and
+seeded-sampled tokens identical; TTFT ~5 ms, prefill ~30k and decode ~5k tokens/s on the edge
+backend (the miniature is 64 wide, 2 layers).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("llama_cpp")
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+import tinyllava_edge  # noqa: E402
+from tinyllava_edge.cli.chat import main as chat_main  # noqa: E402
+from tinyllava_edge.data.template import tokenizer_image_token  # noqa: E402
+from tinyllava_edge.errors import TinyLlavaError  # noqa: E402
+from tinyllava_edge.export.checks import QUESTIONS, synthetic_images  # noqa: E402
+from tinyllava_edge.runtime import GenerationStats, Probes, detect, plan_device, sampling_params  # noqa: E402
+from tinyllava_edge.runtime.backend import positions  # noqa: E402
+from tinyllava_edge.runtime.devices import ALL_LAYERS, fit_context  # noqa: E402
+from tinyllava_edge.runtime.images import ImageCache  # noqa: E402
+from tinyllava_edge.runtime.sampling import TextStream, next_token  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIATURE = "TinyLLaVA-Qwen2-0.5B-SigLIP"
+EXACT = {"device": "cpu", "n_threads": 1, "kv_type": "f32", "flash_attn": "off"}
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    from tinyllava_edge.export import export_bundle
+    from tinyllava_edge.testing.checkpoints import build_miniature
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runtime")
+    ckpt = build_miniature(MINIATURE, root / "ckpt")
+    export_bundle(ckpt, root / "bundle", fmt="gguf", bits=32, verify=False, progress=False)
+    return {"root": root, "ckpt": ckpt, "bundle": root / "bundle"}
+
+
+@pytest.fixture(scope="module")
+def edge(paths):
+    with tinyllava_edge.load(paths["bundle"], **EXACT) as vlm:
+        yield vlm
+
+
+@pytest.fixture(scope="module")
+def reference(paths):
+    torch.set_num_threads(1)
+    with tinyllava_edge.load(paths["ckpt"], device="cpu") as vlm:
+        yield vlm
+
+
+@pytest.fixture(scope="module")
+def images():
+    return synthetic_images(4, seed=7)
+
+
+def _one_sentence(excinfo) -> str:
+    message = str(excinfo.value)
+    assert excinfo.type is TinyLlavaError or issubclass(excinfo.type, TinyLlavaError)
+    assert message and "\n" not in message, message
+    return message
+
+
+# -- edge == torch -----------------------------------------------------------------------------------
+
+def test_edge_matches_torch(edge, reference, images):
+    assert edge.backend.kind == "edge" and reference.backend.kind == "torch"
+    for i, image in enumerate(images[:3]):
+        question = QUESTIONS[i]
+        for settings in ({"max_new_tokens": 8}, {"max_new_tokens": 12, "temperature": 1.0, "seed": i}):
+            text = edge.generate(image, question, **settings)
+            tokens = edge.last_tokens
+            assert reference.generate(image, question, **settings) == text
+            assert reference.last_tokens == tokens and len(tokens) == settings["max_new_tokens"]
+    # the prompt logits themselves, fed through both backends' own segment path
+    rows_edge = edge.encode_images([images[0]])
+    rows_torch = reference.encode_images([images[0]])
+    assert np.abs(rows_edge[0] - rows_torch[0]).max() < 1e-4
+    messages = [{"from": "human", "value": "<image>\n" + QUESTIONS[0]}]
+    edge.backend.reset()
+    reference.backend.reset()
+    a = edge.backend.feed(edge.prompt_segments(messages, rows_edge))
+    b = reference.backend.feed(reference.prompt_segments(messages, rows_torch))
+    rel = np.abs(a - b).max() / max(1.0, np.abs(b).max())
+    print(f"prompt logits edge vs torch: {rel:.2e} of the largest")
+    assert rel < 1e-4
+
+
+def test_torch_backend_matches_model_generate(reference, images):
+    from tinyllava_edge.data.preprocess import preprocess
+
+    backend = reference.backend
+    messages = [{"from": "human", "value": "<image>\n" + QUESTIONS[1]}]
+    ids = reference.template.encode(messages, backend.tokenizer, mode="eval")["input_ids"]
+    pixels = torch.from_numpy(preprocess(images[1], backend.preprocess))
+    with torch.no_grad():
+        expected = backend.model.generate(torch.tensor([ids]), images=pixels, max_new_tokens=6, do_sample=False,
+                                          eos_token_id=sorted(backend.stop_ids),
+                                          pad_token_id=backend.tokenizer.pad_token_id)
+    reference.generate(images[1], QUESTIONS[1], max_new_tokens=6)
+    assert reference.last_tokens == expected[0].tolist()
+
+
+# -- streaming, sampling, text -----------------------------------------------------------------------
+
+def test_stream_pieces_join_to_generate(edge, reference, images):
+    for vlm in (edge, reference):
+        settings = {"max_new_tokens": 16, "temperature": 1.0, "seed": 3}
+        pieces = list(vlm.stream(images[2], "Describe the image.", **settings))
+        streamed_tokens = list(vlm.last_tokens)
+        assert len(pieces) > 1 and all(pieces)
+        assert "".join(pieces) == vlm.generate(images[2], "Describe the image.", **settings)
+        assert vlm.last_tokens == streamed_tokens
+    # a stream closed early says so
+    stream = edge.stream(images[2], "Describe the image.", max_new_tokens=16, temperature=1.0, seed=3)
+    next(stream)
+    stream.close()
+    assert edge.last_stats.finish_reason == "cancelled"
+
+
+def test_text_stream_utf8_stops_and_whitespace():
+    stream = TextStream(stop=["STOP"])
+    data = "  héllo 😀 wörld".encode()
+    pieces = [stream.push(data[i:i + 1]) for i in range(len(data))]  # one byte per token
+    assert "".join(pieces) + stream.finish() == "héllo 😀 wörld"
+    assert "\ufffd" not in "".join(pieces) and pieces[:3] == ["", "", "h"]  # leading spaces dropped
+    stream = TextStream(stop=["STOP"])
+    out = [stream.push(b) for b in (b"ab", b"cST", b"O", b"Pxyz")]
+    assert out == ["ab", "c", "", ""] and stream.stopped and stream.text == "abc"
+    stream = TextStream(stop=["STOP"])
+    assert stream.push(b"ST") == "" and stream.push(b"ay") == "STay"  # held back, then released
+    stream = TextStream()
+    assert stream.push(b"ok \xe2\x82") == "ok " and stream.finish() == "\ufffd"  # a character that never completes
+
+
+def test_sampling_is_seeded_and_checked(edge, images):
+    settings = {"max_new_tokens": 10, "temperature": 0.9, "top_p": 0.9}
+    edge.generate(images[0], "What?", seed=11, **settings)
+    first = list(edge.last_tokens)
+    edge.generate(images[0], "What?", seed=11, **settings)
+    assert edge.last_tokens == first
+    edge.generate(images[0], "What?", seed=12, **settings)
+    assert edge.last_tokens != first
+    logits = np.array([0.0, 5.0, 4.9, -1.0])
+    rng = np.random.default_rng(0)
+    assert next_token(logits, sampling_params(temperature=0), rng) == 1
+    # a top_p the first token alone reaches leaves only it
+    assert {next_token(logits, sampling_params(temperature=1.0, top_p=0.1), rng) for _ in range(20)} == {1}
+    assert {next_token(logits, sampling_params(temperature=1.0, top_p=1.0), rng) for _ in range(200)} >= {1, 2}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer of at least 1"),
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"stop": ["ok", ""]}, "stop must be a non-empty string"),
+])
+def test_bad_generation_settings(edge, settings, message):
+    with pytest.raises(TinyLlavaError, match=message) as excinfo:
+        edge.generate(None, "Hi", **settings)
+    _one_sentence(excinfo)
+
+
+# -- chat --------------------------------------------------------------------------------------------
+
+def test_chat_turn_decodes_only_new_tokens(edge, images):
+    backend = edge.backend
+    settings = {"max_new_tokens": 12, "temperature": 0.8, "seed": 5}
+    chat = edge.chat(**settings)
+    answer1 = chat.ask(images[0], "What is it?")
+    tokens1 = list(edge.last_tokens)
+    before = backend.positions_decoded
+    history = positions(chat.history_segments())
+    answer2, stats = chat.ask(None, "And the colour?", return_stats=True)
+    tokens2 = list(edge.last_tokens)
+    # only the new turn (the end of answer 1, "USER: ... ASSISTANT:") and the new tokens were evaluated
+    assert backend.positions_decoded - before == stats.prefill_tokens + len(tokens2) - 1
+    assert stats.prefill_tokens < 40 < history
+    # ... and they give what one fresh pass over the whole conversation gives
+    rows = edge.encode_images([images[0]])
+    eos = backend.llm.eos_id
+    closing = [] if tokens1[-1] == eos else [eos]
+    turn2 = tokenizer_image_token("USER: And the colour? ASSISTANT:", backend.prompt_tokenizer(False))
+    full = edge.prompt_segments([{"from": "human", "value": "<image>\nWhat is it?"}], rows) + \
+        [tokens1 + closing + turn2]
+    assert positions(full) == positions(chat.last_prompt) == history + stats.prefill_tokens - len(closing) - 1
+    assert stats.context_used == positions(full) + len(tokens2) - 1
+    fresh = "".join(edge.decode(full, sampling_params(**settings), GenerationStats(), fresh=True,
+                                started=time.perf_counter()))
+    assert edge.last_tokens == tokens2 and fresh == answer2
+    assert [(q, has_image) for q, has_image, _ in chat.history()] == [("What is it?", True), ("And the colour?", False)]
+    # turn 1 is a plain prompt; when something else used the model in between, a session
+    # evaluates its history again and answers the same
+    assert edge.generate(images[0], "What is it?", **settings) == answer1
+    other = edge.chat(**settings)
+    other.ask(images[0], "What is it?")
+    edge.generate(None, "Something else.", max_new_tokens=3)
+    answer, stats = other.ask(None, "And the colour?", return_stats=True)
+    assert answer == answer2 and edge.last_tokens == tokens2 and stats.prefill_tokens == positions(full)
+
+
+def test_chat_context_policies(paths, images):
+    with tinyllava_edge.load(paths["bundle"], n_ctx=256, **EXACT) as vlm:
+        assert vlm.n_ctx == 256
+        strict = vlm.chat(max_new_tokens=40, temperature=1.0, seed=0, overflow="error")
+        strict.ask(images[0], "What is in the picture?")
+        with pytest.raises(TinyLlavaError, match=r"needs \d+ positions with max_new_tokens 40 but the context holds "
+                                                 r"256; call reset\(\)") as excinfo:
+            for _ in range(4):
+                strict.ask(None, "Tell me more about the colours.")
+        _one_sentence(excinfo)
+        rolling = vlm.chat(max_new_tokens=40, temperature=1.0, seed=0)
+        for i in range(6):
+            rolling.ask(images[i % 2], f"Question {i}: what do you see?")
+            assert vlm.last_stats.context_used <= 256
+        assert rolling.dropped_turns >= 1 and 1 <= len(rolling.turns) < 6
+        assert rolling.history()[-1][0] == "Question 5: what do you see?"
+        with pytest.raises(TinyLlavaError, match="positions but the context holds 256") as excinfo:
+            rolling.ask(None, "word " * 300)
+        _one_sentence(excinfo)
+
+
+# -- images: cache, batch, inputs -----------------------------------------------------------------------
+
+def test_image_cache_skips_the_encoder(paths, images, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "same.png"
+    Image.fromarray(images[1]).save(png)
+    with tinyllava_edge.load(paths["bundle"], image_cache_size=2, **EXACT) as vlm:
+        _, stats = vlm.generate(images[1], "What?", max_new_tokens=2, return_stats=True)
+        assert vlm.encoder_calls == 1 and stats.image_cache_hits == 0 and stats.image_encode_ms > 0
+        for same in (images[1].copy(), png, Image.open(png)):  # the same pixels, three ways
+            _, stats = vlm.generate(same, "What?", max_new_tokens=2, return_stats=True)
+            assert stats.image_cache_hits == 1
+        assert vlm.encoder_calls == 1
+        vlm.generate(images[2], "What?", max_new_tokens=2)
+        vlm.generate(images[3], "What?", max_new_tokens=2)  # capacity 2: images[1] is dropped
+        vlm.generate(images[1], "What?", max_new_tokens=2)
+        assert vlm.encoder_calls == 4
+    with tinyllava_edge.load(paths["bundle"], image_cache_size=0, **EXACT) as vlm:
+        for _ in range(2):
+            vlm.generate(images[1], "What?", max_new_tokens=2)
+        assert vlm.encoder_calls == 2
+    cache = ImageCache(1)
+    cache.put("a", np.zeros(1))
+    cache.put("b", np.ones(1))
+    assert cache.get("a") is None and cache.get("b") is not None and len(cache) == 1
+
+
+def test_generate_batch_encodes_images_together(edge, images):
+    requests = [(images[0], "What is it?"), (None, "Hello?"), (images[1], "Colour?"), (images[0], "Shape?")]
+    edge.image_cache.clear()
+    calls = edge.encoder_calls
+    texts, stats = edge.generate_batch(requests, max_new_tokens=6, temperature=1.0, seed=2, return_stats=True)
+    assert edge.encoder_calls == calls + 1 and edge.images_encoded >= 2  # two distinct images, one run
+    assert [s.images for s in stats] == [1, 0, 1, 1]
+    singles = [edge.generate(image, q, max_new_tokens=6, temperature=1.0, seed=2) for image, q in requests]
+    assert texts == singles
+    assert edge.encoder_calls == calls + 1  # every single call hit the cache
+    assert edge.generate_batch([{"image": None, "prompt": "Hi"}], max_new_tokens=2) == [edge.generate(
+        None, "Hi", max_new_tokens=2)]
+
+
+def test_stats(edge, images):
+    _, stats = edge.generate(images[3], "Describe it.", max_new_tokens=8, temperature=1.0, seed=1,
+                                return_stats=True)
+    assert stats is edge.last_stats
+    data = stats.as_dict()
+    for key in ("image_encode_ms", "ttft_ms", "prefill_tokens", "prefill_tokens_per_s", "decode_tokens",
+                "decode_tokens_per_s", "peak_rss_mb", "finish_reason", "context_used", "n_ctx"):
+        assert key in data
+    assert stats.prefill_tokens == stats.context_used - stats.decode_tokens + 1
+    assert stats.prefill_tokens > edge.backend.image_tokens and stats.decode_tokens == 8
+    assert stats.ttft_ms > 0 and stats.prefill_tokens_per_s > 0 and stats.decode_tokens_per_s > 0
+    assert stats.peak_rss_mb > 10 and stats.finish_reason == "length"
+    print(f"miniature, edge, 1 thread: {stats.line()}")
+    assert stats.line().startswith("[image ") and "TTFT" in stats.line()
+
+
+@pytest.mark.parametrize("image, message", [
+    ("{tmp}/missing.png", "does not exist"),
+    ("{tmp}/notes.png", "cannot be read as an image"),
+    (np.zeros((8, 8, 3), np.float32), "must be uint8"),
+    (np.zeros((3, 8, 8), np.uint8), r"channels last"),
+    (12, "must be a path, a PIL image or a numpy array"),
+])
+def test_bad_images(edge, tmp_path, image, message):
+    (tmp_path / "notes.png").write_text("not a picture")
+    if isinstance(image, str):
+        image = image.format(tmp=tmp_path)
+    with pytest.raises(TinyLlavaError, match=message) as excinfo:
+        edge.generate(image, "What?", max_new_tokens=2)
+    _one_sentence(excinfo)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "the prompt is empty"),
+    ("   \n", "the prompt is empty"),
+    (None, "a prompt must be a string"),
+    ("<image> what?", "pass the image as the image argument"),
+])
+def test_bad_prompts(edge, prompt, message):
+    with pytest.raises(TinyLlavaError, match=message) as excinfo:
+        edge.generate(None, prompt)
+    _one_sentence(excinfo)
+    with pytest.raises(TinyLlavaError, match=message):
+        edge.chat().ask(None, prompt)
+
+
+def test_bad_paths_and_options(paths, edge, tmp_path):
+    cases = [
+        (lambda: tinyllava_edge.load(tmp_path / "nowhere"), "does not exist; expected a bundle directory"),
+        (lambda: tinyllava_edge.load(tmp_path), "is neither a bundle .no manifest.json. nor a checkpoint"),
+        (lambda: tinyllava_edge.load(paths["bundle"] / "manifest.json"), "is a file; expected a bundle directory"),
+        (lambda: tinyllava_edge.load(paths["bundle"], device="tpu"), "device 'tpu' is not one of"),
+        (lambda: tinyllava_edge.load(paths["bundle"], device="cuda"), "device 'cuda' was asked for but no CUDA"),
+        (lambda: tinyllava_edge.load(paths["bundle"], device="jetson"), "is not a Jetson"),
+        (lambda: tinyllava_edge.load(paths["bundle"], dtype="bf16"), "unknown option 'dtype' for the edge backend"),
+        (lambda: tinyllava_edge.load(paths["bundle"], vision="int8", **EXACT), "has no 'int8' vision graph"),
+        (lambda: tinyllava_edge.load(paths["bundle"], image_cache_size=-1), "image_cache_size must be"),
+        (lambda: tinyllava_edge.load(paths["bundle"], n_ctx=10**6), "exceeds the model's context of 2048"),
+        (lambda: tinyllava_edge.load(paths["ckpt"], quantization="bnb4"), "not yet: .* quantization stage"),
+        (lambda: tinyllava_edge.load(paths["ckpt"], dtype="int3"), "dtype 'int3' is not one of"),
+        (lambda: tinyllava_edge.load(paths["ckpt"], device="cuda"), "sees no CUDA GPU"),
+    ]
+    for make, message in cases:
+        with pytest.raises(TinyLlavaError, match=message) as excinfo:
+            make()
+        _one_sentence(excinfo)
+    with pytest.raises(TinyLlavaError, match="overflow policy 'wrap' is not one of drop_oldest, error"):
+        edge.chat(overflow="wrap")
+    with pytest.raises(TinyLlavaError, match="unknown option 'top_k' for a chat turn"):
+        edge.chat().ask(None, "Hi", top_k=3)
+    onnx_only = tmp_path / "onnx-bundle"
+    onnx_only.mkdir()
+    manifest = json.loads((paths["bundle"] / "manifest.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["role"] == "vision"]
+    (onnx_only / "manifest.json").write_text(json.dumps(manifest))
+    (onnx_only / "vision.onnx").write_bytes((paths["bundle"] / "vision.onnx").read_bytes())
+    with pytest.raises(TinyLlavaError, match="has no LLM GGUF"):
+        tinyllava_edge.load(onnx_only)
+
+
+def test_every_backend_has_a_test_case(edge, reference):
+    from tinyllava_edge.runtime import BACKENDS
+
+    assert BACKENDS.keys() == sorted({edge.backend.kind, reference.backend.kind})
+
+
+# -- devices -------------------------------------------------------------------------------------------
+
+def _host(tmp_path, name: str, mem_kb: int, *, jetson: bool = False) -> Path:
+    root = tmp_path / name
+    (root / "proc").mkdir(parents=True)
+    (root / "proc" / "meminfo").write_text(f"MemTotal: {2 * mem_kb} kB\nMemFree: 1 kB\nMemAvailable: {mem_kb} kB\n")
+    if jetson:
+        (root / "etc").mkdir()
+        (root / "etc" / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.0, GCID: 1, BOARD: generic\n")
+        (root / "proc" / "device-tree").mkdir()
+        (root / "proc" / "device-tree" / "model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\0")
+    return root
+
+
+def _probes(root, providers, gpu, cores=6, gpu_memory=None):
+    return Probes(root=root, ort_providers=lambda: providers, gpu_offload=lambda: gpu,
+                  gpu_memory=lambda: gpu_memory, physical_cores=lambda: cores)
+
+
+GIB = 2**30
+TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def test_device_plans_for_simulated_hosts(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    model = {"kv_bytes_per_token": 1 << 20, "weights_bytes": 1 * GIB, "max_context": 4096}  # 1 MiB per position
+    jetson = detect(_probes(_host(tmp_path, "orin", 3 * 2**20, jetson=True), [TRT, CUDA, CPU], True))
+    assert jetson.jetson == "NVIDIA Jetson Orin Nano Developer Kit"
+    plan = plan_device("auto", jetson, **model)
+    # unified memory: (3 GiB - 1 GiB weights) x 0.5 / 1 MiB = 1024 positions
+    assert (plan.device, plan.providers, plan.n_gpu_layers, plan.n_threads, plan.n_ctx) == \
+        ("jetson", (TRT, CUDA, CPU), ALL_LAYERS, 6, 1024)
+
+    cuda = detect(_probes(_host(tmp_path, "server", 64 * 2**20), [CUDA, CPU], True, cores=16, gpu_memory=5 * GIB))
+    plan = plan_device("auto", cuda, **model)
+    # bounded by the GPU's free memory, not the 64 GiB of RAM: (5 - 1) x 0.5 GiB / 1 MiB
+    assert (plan.device, plan.providers, plan.n_gpu_layers, plan.n_threads, plan.n_ctx) == \
+        ("cuda", (CUDA, CPU), ALL_LAYERS, 16, 2048)
+    assert plan_device("cpu", cuda, **model).providers == (CPU,) and plan_device("cpu", cuda, **model).n_gpu_layers == 0
+    assert plan_device("cuda", cuda, **{**model, "max_context": 512}).n_ctx == 512  # the model's cap
+
+    laptop = detect(_probes(_host(tmp_path, "laptop", 16 * 2**20), [CPU], False, cores=4))
+    plan = plan_device("auto", laptop, **model)
+    assert (plan.device, plan.providers, plan.n_gpu_layers, plan.n_threads, plan.n_ctx) == \
+        ("cpu", (CPU,), 0, 4, 4096)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert plan_device("auto", laptop, **model).n_threads == 2  # the user's own limit wins
+
+    half = detect(_probes(_host(tmp_path, "half", 16 * 2**20), [CUDA, CPU], False))
+    plan = plan_device("cuda", half, **model)
+    assert plan.n_gpu_layers == 0 and any("llama.cpp was built without GPU offload" in n for n in plan.notes)
+
+    with pytest.raises(TinyLlavaError, match=r"device 'cuda' was asked for but no CUDA was found \(no Jetson, "
+                                             r"onnxruntime providers CPUExecutionProvider") as excinfo:
+        plan_device("cuda", laptop, **model)
+    _one_sentence(excinfo)
+    with pytest.raises(TinyLlavaError, match=r"device 'jetson' was asked for but this machine is not a Jetson \(no "
+                                             r"/etc/nv_tegra_release, .*; found onnxruntime providers CUDA"):
+        plan_device("jetson", cuda, **model)
+    with pytest.raises(TinyLlavaError, match="the model does not fit: 1024 MiB of memory available"):
+        fit_context(1 * GIB, int(1.5 * GIB), 1 << 20, 4096, 300)
+
+
+def test_real_cpu_and_simulated_memory(paths):
+    hardware = detect()
+    assert hardware.physical_cores >= 1 and CPU in hardware.ort_providers and hardware.mem_available
+    with tinyllava_edge.load(paths["bundle"], device="auto", n_threads=1) as vlm:
+        info = vlm.info()
+        if not hardware.has_gpu:
+            assert info["device"] == "cpu" and info["providers_used"] == [CPU] and info["n_gpu_layers"] == 0
+        assert info["n_ctx"] == 2048  # the model's cap: memory is plentiful
+        assert vlm.generate(None, "Hi", max_new_tokens=2) is not None
+    # a host with little memory left: the context shrinks to what fits (here 256 B per position)
+    manifest = json.loads((paths["bundle"] / "manifest.json").read_text())
+    weights = sum(f["size"] for f in manifest["files"] if f["name"] in ("vision.onnx", "llm-F32.gguf"))
+    root = _host(paths["root"], "small", (weights + 2 * 256 * 600) // 1024)
+    with tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1,
+                             probes=_probes(root, [CPU], False, cores=2)) as vlm:
+        assert vlm.n_ctx == 512 and vlm.info()["memory_bound"] < weights + 400_000
+
+
+def test_edge_path_needs_no_torch(paths):
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        import tinyllava_edge
+        vlm = tinyllava_edge.load({str(paths['bundle'])!r}, device="auto", n_threads=1)
+        image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+        text, stats = vlm.generate(image, "What is it?", max_new_tokens=4, return_stats=True)
+        assert "".join(vlm.stream(image, "What is it?", max_new_tokens=4)) == text
+        chat = vlm.chat(max_new_tokens=3)
+        chat.ask(image, "a?")
+        chat.ask(None, "b?")
+        vlm.generate_batch([(image, "c?"), (None, "d?")], max_new_tokens=2)
+        from tinyllava_edge.eval.predictor import RuntimePredictor
+        assert len(RuntimePredictor({str(paths['bundle'])!r}, device="cpu", max_new_tokens=2,
+                                    n_threads=1).predict([(image, "e?")])) == 1
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        print("ok", stats.decode_tokens)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok 4", proc.stderr[-2000:]
+
+
+# -- tinyllava-chat ------------------------------------------------------------------------------------
+
+def test_chat_cli_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        chat_main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: tinyllava-chat") and "--prompt" in out and "/image PATH" in out
+    assert "{auto,cpu,cuda,jetson}" in out
+
+
+def test_chat_cli_one_shot_and_interactive(paths, images, tmp_path, capsys):
+    from PIL import Image
+
+    png = tmp_path / "picture.png"
+    Image.fromarray(images[0]).save(png)
+    common = ["--model", str(paths["bundle"]), "--device", "cpu", "--threads", "1", "--max-new-tokens", "5",
+              "--temperature", "1", "--seed", "4"]
+    assert chat_main([*common, "--image", str(png), "--prompt", "What is it?"]) == 0
+    captured = capsys.readouterr()
+    with tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1) as vlm:
+        expected = vlm.generate(png, "What is it?", max_new_tokens=5, temperature=1.0, seed=4)
+    assert captured.out == expected + "\n"
+    assert captured.err.count("TTFT") == 1 and "tok/s" in captured.err
+
+    script = f"/image {png}\nWhat is it?\n/image {tmp_path}/gone.png\nAnd now?\n/bogus\n/reset\nHi\n/quit\nnever\n"
+    assert chat_main(common, stdin=io.StringIO(script)) == 0
+    err = capsys.readouterr().err
+    assert err.count("TTFT") == 3  # three answers, "never" comes after /quit
+    assert f"error: image file {tmp_path}/gone.png does not exist" in err
+    assert "error: unknown command /bogus" in err and "(conversation cleared)" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{tmp}/nowhere", "--prompt", "hi"], "does not exist; expected a bundle directory"),
+    (["--model", "{bundle}", "--image", "{tmp}/gone.png", "--prompt", "hi"], "image file .* does not exist"),
+    (["--model", "{bundle}", "--prompt", " "], "--prompt is empty"),
+    (["--model", "{bundle}", "--device", "cpu", "--prompt", "hi", "--temperature", "-1"], "temperature must be"),
+    (["--model", "{bundle}", "--device", "cuda", "--prompt", "hi"], "no CUDA was found"),
+])
+def test_chat_cli_errors_are_one_line(paths, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, bundle=paths["bundle"]) for a in argv]
+    assert chat_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_chat_console_script(paths):
+    script = Path(sys.executable).parent / "tinyllava-chat"
+    if not script.exists():
+        pytest.skip("the package is not installed with its console scripts")
+    proc = subprocess.run([str(script), "--model", str(paths["bundle"]), "--device", "cpu", "--threads", "1",
+                           "--prompt", "Hi", "--max-new-tokens", "3", "--no-stats"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+# -- tinyllava-eval on a bundle ---------------------------------------------------------------------------
+
+def test_eval_runs_a_bundle(paths, reference):
+    from tinyllava_edge.cli.eval import main as eval_main
+    from tinyllava_edge.data.shapes import write_dataset
+    from tinyllava_edge.eval import RuntimePredictor, TorchPredictor
+
+    data = paths["root"] / "shapes"
+    write_dataset(data, n_train=1, n_val=1, n_test=4, image_size=32)
+    out = paths["root"] / "eval"
+    assert eval_main(["--benchmark", "shapes", "--model", str(paths["bundle"]), "--data", str(data), "--out",
+                      str(out), "--batch-size", "2", "--limit", "4", "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["n"] == 4 and results["settings"]["backend"].startswith("edge runtime")
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and all(a["model_id"] == "bundle" for a in answers)
+    records = json.loads((data / "test.json").read_text())[:3]
+    requests = [(data / r["image"], r["conversations"][0]["value"].split("\n", 1)[1]) for r in records]
+    edge = RuntimePredictor(paths["bundle"], device="cpu", max_new_tokens=4, n_threads=1, kv_type="f32",
+                            flash_attn="off")
+    torch_answers = TorchPredictor(paths["ckpt"], batch_size=1, max_new_tokens=4).predict(requests)
+    assert edge.predict(requests) == torch_answers

@@ -1,0 +1,223 @@
+"""`EdgeBackend`: a bundle run with onnxruntime (vision + connector) and llama.cpp (the LLM).
+
+Reads the bundle through :func:`tinyllava_edge.export.manifest.read_manifest` (which refuses a
+changed, incomplete or self-contradicting bundle), then:
+
+* the image: the manifest's preprocessing, the bundle's ``vision.onnx`` (``pixel_values`` ->
+  ``image_embeds``) on the plan's providers, rows times ``image_features_scale`` x
+  ``embd_input_scale`` (the llm file record: what the model's own embedding scale and llama.cpp's
+  input-embedding path need, measured at export);
+* the text: the manifest's chat template, tokenized by llama.cpp itself (parity with
+  transformers is checked at export), decoded by :class:`~tinyllava_edge.llamacpp.LlamaCppModel`
+  with the image rows injected as an embeddings batch.
+
+Imports numpy, onnxruntime and llama-cpp-python only: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..data.preprocess import PreprocessConfig
+from ..data.template import Template, get_template
+from ..errors import TinyLlavaError
+from ..export.checks import LlamaCppTokenizer
+from ..export.manifest import files_by_role, read_manifest
+from ..llamacpp import FLASH_ATTN, KV_TYPES, LlamaCppModel
+from .backend import check_options, check_segments, stop_token_ids
+from .devices import TENSORRT_EP, detect, plan_device
+
+OPTIONS = ("n_threads", "n_ctx", "n_gpu_layers", "kv_type", "flash_attn", "vision", "check_hashes", "template",
+           "probes")
+# The least room a context must leave beyond one image's rows: a short question and answer.
+_PROMPT_ROOM = 64
+
+
+class _ContinuationTokenizer:
+    """llama.cpp's tokenizer for a later chat turn: no BOS added (the cache already starts with one)."""
+
+    bos_token_id = None
+
+    def __init__(self, llm: LlamaCppModel):
+        self.llm = llm
+        self.eos_token_id = llm.eos_id
+        self.pad_token_id = None
+        self.model_max_length = 1 << 30
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": self.encode(text)}
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text, add_special=False, parse_special=True)
+
+
+class _PieceDetokenizer:
+    def __init__(self, llm: LlamaCppModel):
+        self.llm = llm
+
+    def push(self, token: int) -> bytes:
+        return self.llm.token_to_piece(token, special=False)
+
+    def flush(self) -> bytes:
+        return b""  # every byte was given out; TextStream's UTF-8 decoder holds cut characters
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's own exception types (Fail, InvalidProtobuf, ...: pybind classes deriving from
+    Exception directly) and the builtin ones it also raises."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+    return (RuntimeError, ValueError, OSError, *own)
+
+
+def _tensorrt_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "tinyllava-edge", "tensorrt")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class EdgeBackend:
+    """A bundle directory on `device` ("auto" | "cpu" | "cuda" | "jetson").
+
+    Options: `n_threads`, `n_ctx`, `n_gpu_layers` (default: the device plan's, see
+    runtime/devices.py); `kv_type` "f16" (default) | "f32"; `flash_attn` "auto" (default) | "on" |
+    "off" ("f32" + "off" make llama.cpp match PyTorch as closely as it can); `vision` the quant of
+    the vision graph to run ("fp32" default, "fp16" where the bundle has it); `check_hashes`
+    (default True: every file's sha256 against the manifest); `template` a chat template name
+    instead of the manifest's; `probes` (tests: simulated hardware).
+    """
+
+    kind = "edge"
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", **options):
+        check_options(self.kind, options, OPTIONS)
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.model_id = self.path.resolve().name
+        self.manifest = read_manifest(self.path, check_hashes=options.get("check_hashes", True))
+        kv_type = options.get("kv_type", "f16")
+        if kv_type not in KV_TYPES:
+            raise TinyLlavaError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        flash_attn = options.get("flash_attn", "auto")
+        if flash_attn not in FLASH_ATTN:
+            raise TinyLlavaError(f"flash_attn {flash_attn!r} is not one of {', '.join(FLASH_ATTN)}")
+        llm_files = files_by_role(self.manifest, "llm")
+        if not llm_files:
+            raise TinyLlavaError(f"bundle {self.path} has no LLM GGUF (an onnx-format bundle); the runtime needs a "
+                                 "bundle exported with --format gguf")
+        llm_file = llm_files[0]
+        vision_file = self._vision_file(options.get("vision", "fp32"))
+        model = self.manifest["model"]
+        self.preprocess = PreprocessConfig.from_dict(self.manifest["preprocess"])
+        self.template = (get_template(options["template"]) if options.get("template")
+                         else Template.from_dict(self.manifest["template"]))
+        self.image_tokens = int(vision_file["n_tokens"])
+        self.row_scale = float(llm_file.get("image_features_scale", 1.0)) * float(llm_file.get("embd_input_scale", 1.0))
+
+        llm_path = self.path / llm_file["name"]
+        with LlamaCppModel(llm_path, vocab_only=True) as shapes:  # sizes the context before making one
+            kv_per_token = shapes.kv_bytes_per_token(kv_type)
+            trained = shapes.context_length() or int(model.get("max_length") or 2048)
+        # the LLM's own context, and no more than the sequence length the VLM was trained with
+        max_context = min(trained, int(model.get("max_length") or trained))
+        weights = llm_file["size"] + vision_file["size"]
+        self.hardware = detect(options.get("probes"))
+        self.plan = plan_device(device, self.hardware, kv_bytes_per_token=kv_per_token, weights_bytes=weights,
+                                max_context=max_context, min_context=min(max_context, self.image_tokens + _PROMPT_ROOM),
+                                n_threads=options.get("n_threads"), n_ctx=options.get("n_ctx"),
+                                n_gpu_layers=options.get("n_gpu_layers"))
+        self.device = self.plan.device
+
+        session_options = ort.SessionOptions()
+        session_options.log_severity_level = 3
+        session_options.intra_op_num_threads = self.plan.n_threads
+        providers = [(p, {"trt_engine_cache_enable": "True", "trt_engine_cache_path": _tensorrt_cache_dir()})
+                     if p == TENSORRT_EP else p for p in self.plan.providers]
+        try:
+            self.session = ort.InferenceSession(str(self.path / vision_file["name"]), session_options,
+                                                providers=providers)
+        except _ort_errors() as err:
+            raise TinyLlavaError(f"onnxruntime cannot load {vision_file['name']} with {', '.join(self.plan.providers)} "
+                                 f"({str(err).splitlines()[0]})") from None
+        self.vision_file = vision_file["name"]
+        self.llm = LlamaCppModel(llm_path, n_ctx=self.plan.n_ctx, n_threads=self.plan.n_threads,
+                                 n_gpu_layers=self.plan.n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn)
+        self.llm_file = llm_file["name"]
+        self.kv_type, self.flash_attn = kv_type, flash_attn
+        self.n_ctx = self.llm.n_ctx
+        self.n_vocab = self.llm.n_vocab
+        self.positions_decoded = 0
+        eos = self.manifest.get("tokenizer", {}).get("eos_token_id")
+        eos = self.llm.eos_id if eos is None else eos
+        self.stop_ids = stop_token_ids(eos, self.template, self._single_token)
+        self._first_tokenizer = LlamaCppTokenizer(self.llm)
+        self._next_tokenizer = _ContinuationTokenizer(self.llm)
+
+    def _vision_file(self, quant: str) -> dict:
+        visions = files_by_role(self.manifest, "vision")
+        for record in visions:
+            if record.get("quant") == quant:
+                return record
+        raise TinyLlavaError(f"bundle {self.path} has no {quant!r} vision graph; it has "
+                             f"{', '.join(repr(r.get('quant')) for r in visions) or 'none'}")
+
+    def _single_token(self, text: str) -> int | None:
+        ids = self.llm.tokenize(text, add_special=False, parse_special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    # -- what the VLM uses --------------------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        return self.llm.n_past
+
+    def prompt_tokenizer(self, first: bool):
+        return self._first_tokenizer if first else self._next_tokenizer
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        (rows,) = self.session.run(["image_embeds"], {"pixel_values": np.ascontiguousarray(pixels, np.float32)})
+        rows = np.asarray(rows, dtype=np.float32)  # (B, N, n_embd)
+        return rows * np.float32(self.row_scale) if self.row_scale != 1.0 else rows
+
+    def reset(self) -> None:
+        self.llm.clear()
+
+    def feed(self, segments: Sequence) -> np.ndarray:
+        total = check_segments(segments, self.llm.n_past, self.n_ctx, self.n_vocab, self.llm_file)
+        logits = None
+        for segment in segments:
+            if isinstance(segment, np.ndarray):
+                logits = self.llm.decode_embeddings(segment)
+            elif len(segment):
+                logits = self.llm.decode_tokens(segment)
+        self.positions_decoded += total
+        return logits
+
+    def detokenizer(self) -> _PieceDetokenizer:
+        return _PieceDetokenizer(self.llm)
+
+    def info(self) -> dict:
+        return {
+            "backend": self.kind,
+            "path": str(self.path),
+            **self.plan.as_dict(),
+            "n_ctx": self.n_ctx,
+            "providers_used": list(self.session.get_providers()),
+            "hardware": self.hardware.describe(),
+            "vision": self.vision_file,
+            "llm": self.llm_file,
+            "kv_type": self.kv_type,
+            "flash_attn": self.flash_attn,
+            "image_tokens": self.image_tokens,
+            "template": self.template.name,
+        }
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,73 @@
+"""Images for the runtime: one preprocessing for every backend, and an LRU cache of their embeddings.
+
+An image (a path, a PIL image, or a numpy array (H, W, 3) uint8) goes through the same
+``tinyllava_edge.data.preprocess`` code as training, with the config the bundle's manifest (or
+the checkpoint) records. The cache key is a hash of the preprocessed pixels: the same picture
+given again (another path to the same file, the same array) skips the vision encoder, and
+anything that changes what the encoder sees changes the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..data.preprocess import PreprocessConfig, preprocess
+from ..errors import TinyLlavaError
+
+DEFAULT_CACHE_SIZE = 32  # images' embeddings kept (a 728 x 896 float32 image is ~2.6 MB)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    pixels: np.ndarray  # (3, H, W) float32, what the encoder takes
+    key: str  # blake2b of the pixels and their shape
+
+
+def prepare_image(image, config: PreprocessConfig) -> PreparedImage:
+    """Preprocess one image (raises TinyLlavaError for a missing or unreadable one)."""
+    if not isinstance(image, (str, os.PathLike, Image.Image, np.ndarray)):
+        raise TinyLlavaError(f"an image must be a path, a PIL image or a numpy array (H, W, 3) uint8, got "
+                             f"{type(image).__name__}")
+    pixels = preprocess(image, config)[0]
+    digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
+    digest.update(repr(pixels.shape).encode())
+    return PreparedImage(pixels, digest.hexdigest())
+
+
+class ImageCache:
+    """`capacity` embeddings by key, least recently used dropped first (0: no caching)."""
+
+    def __init__(self, capacity: int = DEFAULT_CACHE_SIZE):
+        self.capacity = capacity
+        self._rows: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> np.ndarray | None:
+        rows = self._rows.get(key)
+        if rows is None:
+            self.misses += 1
+            return None
+        self._rows.move_to_end(key)
+        self.hits += 1
+        return rows
+
+    def put(self, key: str, rows: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        self._rows[key] = rows
+        self._rows.move_to_end(key)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def __len__(self) -> int:
+        return len(self._rows)

@@ -1,9 +1,11 @@
 """`tinyllava-edge`: the main job on the built-in default, as far as the pipeline goes.
 
 Today: the default `tiny-shapes` model trained from nothing (`train_preset`: shapes data,
-tokenizer, both stages, evaluation on the held-out test split) -> reloaded from disk and asked
-about held-out test images. Export, quantization and the demo join this command as they land
-(README.md says which exist). A stage whose output exists is kept, so a second run is quick.
+tokenizer, both stages, evaluation on the held-out test split) -> exported to a 16-bit edge
+bundle (`export_bundle`: vision ONNX + LLM GGUF + mmproj, checked against PyTorch) -> the bundle
+loaded through the edge runtime (`tinyllava_edge.load`, no torch on that path) and asked about
+held-out test images. Quantization and the demo join this command as they land (README.md says
+which exist). A stage whose output exists is kept, so a second run is quick.
 
 The model is trained here rather than shipped: about eight minutes on two cores, deterministic
 with the seed, and it is the training path users run for their own variants.
@@ -21,6 +23,7 @@ from ..errors import TinyLlavaError
 from .common import USER_ERRORS, fail, human_size
 
 DEFAULT_WORKDIR = Path("runs") / "tiny-shapes"
+BUNDLE = "bundle"  # the 16-bit edge bundle, under the workdir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,12 +56,16 @@ def run(args: argparse.Namespace) -> dict:
         raise TinyLlavaError(f"--workdir {work} is a file; expected a directory")
     summary: dict = {"workdir": str(work), "stages": []}
     data_dir, model_dir = work / "data", work / "model"
+    bundle_dir = work / BUNDLE
     stages = (
         ("train", work / SUMMARY_FILE,
-         "[1/2] train the default tiny-shapes model from nothing (data, tokenizer, two stages, evaluation) ...",
+         "[1/3] train the default tiny-shapes model from nothing (data, tokenizer, two stages, evaluation) ...",
          "trained", lambda: train_preset("tiny-shapes", work, seed=args.seed, overwrite=True,
                                          log=lambda line: print("  " + line, flush=True),
                                          **(QUICK if args.quick else {}))),
+        ("export", bundle_dir / "manifest.json",
+         "[2/3] export the model to a 16-bit edge bundle (vision ONNX + LLM GGUF + mmproj), checked against PyTorch ...",
+         "exported", lambda: _export(model_dir, bundle_dir)),
     )
     for name, marker, message, built, build in stages:
         t = time.perf_counter()
@@ -71,42 +78,35 @@ def run(args: argparse.Namespace) -> dict:
     summary["recipe"] = json.loads((work / SUMMARY_FILE).read_text(encoding="utf-8"))
 
     t = time.perf_counter()
-    print("[2/2] reload from disk and ask held-out test questions ...", flush=True)
-    summary["answers"], summary["model_info"] = _ask(model_dir, data_dir, args.questions)
-    summary["stages"].append(("reload + answer", "ran", model_dir, time.perf_counter() - t))
+    print("[3/3] load the bundle through the edge runtime and ask held-out test questions ...", flush=True)
+    summary["answers"], summary["model_info"] = _ask(bundle_dir, data_dir, args.questions)
+    summary["stages"].append(("runtime answers", "ran", bundle_dir, time.perf_counter() - t))
     return summary
 
 
-def _ask(model_dir: Path, data_dir: Path, n: int) -> tuple[list[dict], dict]:
-    import torch
+def _export(model_dir: Path, bundle_dir: Path) -> None:
+    from ..export import export_bundle
 
-    from ..data.preprocess import PreprocessConfig, load_image, preprocess
-    from ..data.template import default_template_for_family, get_template
-    from ..model import TinyLlavaForConditionalGeneration, load_tokenizer
+    export_bundle(model_dir, bundle_dir, fmt="gguf", bits=16, overwrite=True, progress=False)
 
-    model = TinyLlavaForConditionalGeneration.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    template = get_template(default_template_for_family(model.config.llm_family))
-    size = model.config.vision_config.image_size
-    pre = PreprocessConfig.for_tower(model.config.vision_config.model_type, size, model.config.image_aspect_ratio)
+
+def _ask(bundle_dir: Path, data_dir: Path, n: int) -> tuple[list[dict], dict]:
+    from .. import load
+    from ..export import read_manifest
+
+    manifest = read_manifest(bundle_dir)
+    vlm = load(bundle_dir, device="cpu")
     records = json.loads((data_dir / "test.json").read_text(encoding="utf-8"))[:n]
     answers = []
     for rec in records:
-        question = rec["conversations"][0]["value"]
-        ids = template.encode([{"from": "human", "value": question}], tokenizer, mode="eval")["input_ids"]
-        pixels = torch.from_numpy(preprocess(load_image(data_dir / rec["image"]), pre))
-        out = model.generate(torch.tensor([ids]), images=pixels, max_new_tokens=8, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        answers.append({
-            "question": question.replace("<image>\n", ""),
-            "expected": rec["conversations"][1]["value"],
-            "answer": tokenizer.decode(out[0], skip_special_tokens=True).strip(),
-        })
-    info = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "image_tokens": model.encode_images(torch.zeros(1, 3, size, size)).shape[1],
-        "layout": model.checkpoint_layout,
-    }
+        question = rec["conversations"][0]["value"].replace("<image>\n", "")
+        text, stats = vlm.generate(data_dir / rec["image"], question, max_new_tokens=8, return_stats=True)
+        answers.append({"question": question, "expected": rec["conversations"][1]["value"], "answer": text.strip(),
+                        "ttft_ms": stats.ttft_ms})
+    model = manifest["model"]
+    llm = next(f for f in manifest["files"] if f["role"] == "llm")
+    info = {"image_tokens": model["image_tokens"], "llm": f"{llm['name']} ({human_size(llm['size'])})",
+            "validation": manifest.get("validation", {})}
     return answers, info
 
 
@@ -115,8 +115,9 @@ def print_summary(summary: dict) -> None:
     for name, state, path, seconds in summary["stages"]:
         print(f"  {name:<16} {state:<18} {seconds:6.1f} s  {path}  ({human_size(_disk_bytes(Path(path)))})")
     info = summary["model_info"]
-    print(f"  model: {info['parameters'] / 1e6:.2f} M parameters, {info['image_tokens']} image tokens, "
-          f"{info['layout']} checkpoint layout")
+    first = next(iter(summary["recipe"]["stages"].values()))
+    print(f"  model: {first['parameters']['total'] / 1e6:.2f} M parameters, {info['image_tokens']} image tokens; "
+          f"edge bundle LLM {info['llm']}")
     ev = summary["recipe"].get("eval")
     if ev:
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in ev["per_kind"].items())
@@ -125,8 +126,9 @@ def print_summary(summary: dict) -> None:
     right = sum(a["answer"] == a["expected"] for a in summary["answers"])
     print(f"  sample questions answered correctly: {right}/{len(summary['answers'])}")
     for a in summary["answers"]:
-        print(f"    Q: {a['question']}  expected: {a['expected']!r}  got: {a['answer']!r}")
-    print("  not built yet in this command: export (ONNX/GGUF), quantization, runtime, demo")
+        print(f"    Q: {a['question']}  expected: {a['expected']!r}  got: {a['answer']!r}  "
+              f"(TTFT {a['ttft_ms']:.0f} ms)")
+    print("  not built yet in this command: quantization, demo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,131 @@
+"""The models a demo offers: variants found on disk, their size, and a model card for each.
+
+A variant is a directory the runtime loads: a bundle (``manifest.json``, edge backend) or a
+checkpoint (``config.json``, torch backend). :func:`discover` turns what the user pointed at into
+variants:
+
+* a bundle or a checkpoint: that one;
+* a directory whose children are bundles / checkpoints (``bundle-F16/``, ``bundle-Q8_0/``,
+  ``model/``): each of them;
+* nothing given: the default bundle ``runs/tiny-shapes/bundle`` plus every sibling of it that is
+  a bundle or a checkpoint (``runs/tiny-shapes/model``, ``runs/tiny-shapes/bundle-Q8_0``...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cli.common import human_size
+from ..errors import TinyLlavaError
+from ..runtime.loader import CONFIG, MANIFEST, backend_kind
+
+DEFAULT_WORKDIR = Path("runs/tiny-shapes")
+DEFAULT_BUNDLE = DEFAULT_WORKDIR / "bundle"
+MAIN_JOB = "bash scripts/main.sh"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # what the selector shows, unique among the variants offered
+    path: Path
+    kind: str  # "edge" (bundle) | "torch" (checkpoint)
+
+    @property
+    def label(self) -> str:
+        backend = "bundle" if self.kind == "edge" else "checkpoint"
+        return f"{self.name} ({backend}, {human_size(disk_size(self.path))})"
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / MANIFEST).is_file() or (path / CONFIG).is_file())
+
+
+def _children(folder: Path) -> list[Variant]:
+    return [Variant(child.name, child, backend_kind(child))
+            for child in sorted(folder.iterdir()) if _is_model_dir(child)]
+
+
+def discover(model: str | Path | None, default_bundle: Path = DEFAULT_BUNDLE) -> list[Variant]:
+    """The variants to offer, the first being the one served at start; one sentence when there are none."""
+    if model is None:
+        bundle = Path(default_bundle)
+        if not _is_model_dir(bundle):
+            raise TinyLlavaError(f"no --model given and the default bundle {bundle} does not exist; run the main job "
+                                 f"first ({MAIN_JOB}) or pass --model PATH (a bundle or a checkpoint)")
+        others = [v for v in _children(bundle.parent) if v.path != bundle]
+        return [Variant(bundle.name, bundle, backend_kind(bundle)), *others]
+    path = Path(model)
+    if _is_model_dir(path):
+        return [Variant(path.name or str(path), path, backend_kind(path))]
+    if path.is_dir():
+        found = _children(path)
+        if found:
+            return found
+        raise TinyLlavaError(f"{path} is neither a bundle (no {MANIFEST}) nor a checkpoint (no {CONFIG}), and none of "
+                             "its subdirectories is one")
+    backend_kind(path)  # raises the runtime's sentence: missing, or a file
+    raise AssertionError("unreachable: backend_kind accepts only directories")
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of the files a variant loads: a bundle's listed files, a checkpoint's top-level files
+    (trainer sub-checkpoints such as checkpoint-1200/ are not part of the model)."""
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        files = json.loads(manifest.read_text()).get("files", [])
+        return sum(int(f.get("size", 0)) for f in files) + manifest.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _figure(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def model_card(variant: Variant) -> str:
+    """Markdown: what the variant is, its files, and the fidelity measured at export (or the config)."""
+    lines = [f"### {variant.name}", f"`{variant.path}` · {human_size(disk_size(variant.path))} on disk"]
+    if variant.kind == "edge":
+        manifest = json.loads((variant.path / MANIFEST).read_text())
+        model = manifest.get("model", {})
+        lines += ["", f"**Bundle** format {manifest.get('format', '?')}, {manifest.get('bits', '?')}-bit, "
+                      f"created {manifest.get('created', '?')}",
+                  f"LLM {model.get('llm_family', '?')} · vision {model.get('vision_tower', '?')} · connector "
+                  f"{model.get('connector', '?')} · hidden {model.get('hidden_size', '?')} · "
+                  f"{model.get('image_tokens', '?')} image tokens · context {model.get('max_length', '?')}",
+                  "", "| file | role | quant | size |", "|---|---|---|---|"]
+        lines += [f"| {f.get('name')} | {f.get('role', '')} | {f.get('quant', '')} | {human_size(f.get('size', 0))} |"
+                  for f in manifest.get("files", [])]
+        validation = manifest.get("validation", {})
+        lines += ["", "**Fidelity against PyTorch (measured at export)**"]
+        if not validation.get("enabled", bool(validation)):
+            lines.append("not measured (exported without verification)")
+        for part, figures in validation.items():
+            if isinstance(figures, dict):
+                shown = ", ".join(f"{k} {_figure(v)}" for k, v in figures.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool))
+                lines.append(f"- {part}: {shown or json.dumps(figures)[:200]}")
+        for skipped in manifest.get("skipped", []):
+            lines.append(f"- skipped: {skipped if isinstance(skipped, str) else json.dumps(skipped)[:200]}")
+        source = manifest.get("source", {})
+        if source:
+            lines += ["", f"Source checkpoint `{source.get('path', '?')}` ({source.get('layout', '?')}, sha256 "
+                          f"{str(source.get('sha256', '?'))[:12]}…)"]
+    else:
+        config = json.loads((variant.path / CONFIG).read_text())
+        text = config.get("text_config", {})
+        vision = config.get("vision_config", {})
+        lines += ["", f"**Checkpoint** ({config.get('model_type', '?')}), runs on transformers",
+                  f"LLM {text.get('model_type', '?')} · hidden {text.get('hidden_size', '?')} · "
+                  f"{text.get('num_hidden_layers', '?')} layers · vision {vision.get('model_type', '?')} "
+                  f"{vision.get('image_size', '?')} px · connector {config.get('connector_type', '?')}"]
+        summary = variant.path / "train_summary.json"
+        if summary.is_file():
+            data = json.loads(summary.read_text())
+            shown = ", ".join(f"{k} {_figure(v)}" for k, v in data.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool))
+            lines += ["", f"**Training summary**: {shown}"]
+    return "\n".join(lines)

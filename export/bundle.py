@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
+from importlib import import_module, metadata
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,10 @@ class Precision:
     turns the written GGUF into `gguf_type` (None: the written file is final). The LLM check
     requires relative logit differences (max |diff| / max(1, max |torch logit|)) within
     `logits_tol`, and with `exact_greedy` identical greedy tokens (up to rounding ties).
+    `mmproj_finish(written, final)` turns the written mmproj into `mmproj_type`;
+    `vision_variants(folder, vision_fp32_record, model) -> {"files": [file records],
+    "vision_default": quant, "validation": {...}}` adds quantized vision graphs beside
+    vision.onnx and names the one the runtime runs by default (manifest `vision_default`).
     """
 
     bits: int
@@ -72,6 +76,9 @@ class Precision:
     logits_tol: float
     exact_greedy: bool
     finish: Callable[[Path, Path], dict] | None = None
+    mmproj_type: str | None = None  # None: the written type (mmproj_ftype)
+    mmproj_finish: Callable[[Path, Path], dict] | None = None
+    vision_variants: Callable[[Path, dict, Any], dict] | None = None
 
 
 PRECISIONS: Registry[Precision] = Registry("bundle bit width")
@@ -87,6 +94,12 @@ def register_precision(precision: Precision) -> None:
 
 
 def precision_for(bits: int) -> Precision:
+    if str(bits) not in PRECISIONS and bits in _PENDING_BITS:
+        # The quant stage registers its bit widths when imported (an explicit, named plugin).
+        try:
+            import_module("tinyllava_edge.quant")
+        except ImportError:
+            pass  # not installed: the sentence below says what is missing
     if str(bits) not in PRECISIONS and bits in _PENDING_BITS:
         raise TinyLlavaError(
             f"{bits}-bit bundles ({_PENDING_BITS[bits]}) need the quantization stage (quant/), which is not built "
@@ -142,7 +155,9 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _check_destination(final, overwrite)
     with_fp16 = onnx_fp16 or (fmt == "onnx" and bits == 16)
     gguf = fmt == "gguf"
-    steps = _Steps(2 + with_fp16 + (2 + mmproj if gguf else 0) + (verify and gguf) + 1, progress)
+    steps = _Steps(2 + with_fp16 + (precision.vision_variants is not None)
+                   + (2 + mmproj + (precision.finish is not None) if gguf else 0)
+                   + (verify and gguf) + 1, progress)
     started = time.perf_counter()
 
     _check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
@@ -216,6 +231,13 @@ def _write_parts(model, tokenizer, folder: Path, steps: _Steps, precision: Preci
     files += _onnx_records(vision, "fp32")
     if verify:
         validation["vision_onnx"] = _check_onnx(vision["validation"])
+    vision_default = None
+    if precision.vision_variants is not None:
+        steps.start(f"quantized vision graphs for {precision.bits}-bit")
+        variants = precision.vision_variants(folder, files[0], model)
+        files += variants["files"]
+        vision_default = variants["vision_default"]
+        validation["vision_variants"] = variants["validation"]
     if with_fp16:
         steps.start("vision tower + connector -> vision-fp16.onnx")
         with _quiet_onnx_exporter():
@@ -233,11 +255,14 @@ def _write_parts(model, tokenizer, folder: Path, steps: _Steps, precision: Preci
         written = folder / f"llm-{precision.llm_ftype.upper()}.gguf" if precision.finish else llm_path
         llm = write_llm_gguf(model, tokenizer, written, ftype=precision.llm_ftype, template=template.name,
                              progress=progress)
+        # The probe reads how llama.cpp takes input embeddings, a property of the architecture, so it
+        # runs on the written 16/32-bit file: 4-bit rounding would blur the logits it compares.
+        steps.start("probing llama.cpp's input-embedding path")
+        probe = _probe(written, model, tokenizer, template)
         if precision.finish is not None:
+            steps.start(f"{written.name} -> {llm_path.name} (quantization stage)")
             precision.finish(written, llm_path)
             written.unlink()
-        steps.start("probing llama.cpp's input-embedding path")
-        probe = _probe(llm_path, model, tokenizer, template)
         files.append(file_record(
             llm_path, "llm", "gguf", precision.gguf_type, architecture=llm["architecture"],
             n_embd=config.hidden_size, n_vocab=llm["n_vocab"], context_length=llm["context_length"],
@@ -259,7 +284,9 @@ def _write_parts(model, tokenizer, folder: Path, steps: _Steps, precision: Preci
             validation.update(_verify_llm(model, tokenizer, template, folder, llm_path, files, precision,
                                           probe, check_images, check_tokens))
     vision_file = next(f for f in files if f["role"] == "vision" and f["quant"] == "fp32")
+    extra = {"vision_default": vision_default} if vision_default else {}
     return {
+        **extra,
         "model": {
             "llm_family": config.text_config.model_type,
             "llm_architecture": next((f["architecture"] for f in files if f["role"] == "llm"), None),
@@ -342,9 +369,14 @@ def _write_mmproj(model, folder: Path, precision: Precision) -> tuple[dict | Non
         plan_mmproj(model)
     except TinyLlavaError as err:  # a tower/connector stock llama.cpp cannot express: skipped, said why
         return None, str(err)
-    path = folder / f"mmproj-{precision.gguf_type}.gguf"
-    report = write_mmproj_gguf(model, path, ftype=precision.mmproj_ftype)
-    return file_record(path, "mmproj", "gguf", precision.mmproj_ftype.upper(), projector_type="mlp",
+    quant = precision.mmproj_type or precision.mmproj_ftype.upper()
+    path = folder / f"mmproj-{quant}.gguf"
+    written = folder / f"mmproj-{precision.mmproj_ftype.upper()}.gguf" if precision.mmproj_finish else path
+    report = write_mmproj_gguf(model, written, ftype=precision.mmproj_ftype)
+    if precision.mmproj_finish is not None:
+        precision.mmproj_finish(written, path)
+        written.unlink()
+    return file_record(path, "mmproj", "gguf", quant, projector_type="mlp",
                        tower=report["tower"], n_tokens=report["n_tokens_stock"],
                        n_tokens_model=report["n_tokens_model"],
                        hidden=report["hidden"], feature_layer=report["feature_layer"],

@@ -66,6 +66,24 @@ def _install_log() -> None:
         _backend_ready = True
 
 
+def _extra_bufts_safe() -> bool:
+    """Whether to let ggml put weights in its extra CPU buffer types (AMX tiles, repacked layouts).
+
+    Measured 2026-11 on this build (llama-cpp-python 0.3.36, native flags) on a Xeon reporting
+    amx_int8: decoding any quantized file (Q8_0, Q6_K, Q4_K_M, Q4_0) segfaults inside
+    llama_decode unless `use_extra_bufts` is off; F16/F32 files are unaffected. So they are off
+    where the CPU reports AMX; TINYLLAVA_LLAMA_EXTRA_BUFTS=1 / 0 forces either way.
+    """
+    forced = os.environ.get("TINYLLAVA_LLAMA_EXTRA_BUFTS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return "amx_int8" not in f.read()
+    except OSError:
+        return True
+
+
 def recent_log() -> list[str]:
     """The last lines llama.cpp logged through this module (oldest first)."""
     return "".join(_log_lines).splitlines()
@@ -111,6 +129,7 @@ class LlamaCppModel:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only
+        params.use_extra_bufts = _extra_bufts_safe()
         self._model = llama_cpp.llama_model_load_from_file(os.fsencode(self.path), params)
         if not self._model:
             self._model = None

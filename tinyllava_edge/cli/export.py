@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
                         help="gguf: vision ONNX + LLM GGUF + mmproj; onnx: the vision ONNX alone (%(default)s)")
     parser.add_argument("--bits", type=int, choices=BITS, default=DEFAULT_BITS,
-                        help="16: F16 GGUF files; 32: F32; 4 and 8 need the quantization stage (%(default)s)")
+                        help="16: F16 GGUF files; 32: F32; 8: Q8_0 LLM + Q8_0 mmproj + int8 vision graph; 4: Q4_K_M "
+                             "LLM + Q8_0 mmproj + int8/int4 vision graphs (quant/) (%(default)s)")
     parser.add_argument("--no-verify", action="store_true", help="skip the checks against PyTorch")
     parser.add_argument("--no-mmproj", action="store_true", help="do not write the stock-llama.cpp mmproj")
     parser.add_argument("--onnx-fp16", action="store_true", help="also write vision-fp16.onnx")
@@ -65,6 +66,9 @@ def summary_lines(result: dict) -> list[str]:
     lines.append(f"  {'manifest.json':22s} {'':8s} {'':5s} {human_size((out / 'manifest.json').stat().st_size):>10s}")
     for s in manifest["skipped"]:
         lines.append(f"  skipped {s['role']}: {s['reason']}")
+    if manifest.get("vision_default"):
+        lines.append(f"  runtime vision graph by default: {manifest['vision_default']} (smallest within the "
+                     "quant stage's cosine proxy; see docs/quality.md)")
     v = manifest["validation"]
     if not v.get("enabled"):
         lines.append("fidelity: not measured (--no-verify)")

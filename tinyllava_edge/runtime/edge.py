@@ -88,7 +88,8 @@ class EdgeBackend:
     Options: `n_threads`, `n_ctx`, `n_gpu_layers` (default: the device plan's, see
     runtime/devices.py); `kv_type` "f16" (default) | "f32"; `flash_attn` "auto" (default) | "on" |
     "off" ("f32" + "off" make llama.cpp match PyTorch as closely as it can); `vision` the quant of
-    the vision graph to run ("fp32" default, "fp16" where the bundle has it); `check_hashes`
+    the vision graph to run (default: the manifest's `vision_default`, which
+    quantized bundles set, else "fp32"; "fp16", "int8", "int4" where the bundle has them); `check_hashes`
     (default True: every file's sha256 against the manifest); `template` a chat template name
     instead of the manifest's; `probes` (tests: simulated hardware).
     """
@@ -113,7 +114,7 @@ class EdgeBackend:
             raise TinyLlavaError(f"bundle {self.path} has no LLM GGUF (an onnx-format bundle); the runtime needs a "
                                  "bundle exported with --format gguf")
         llm_file = llm_files[0]
-        vision_file = self._vision_file(options.get("vision", "fp32"))
+        vision_file = self._vision_file(options.get("vision") or self.manifest.get("vision_default", "fp32"))
         model = self.manifest["model"]
         self.preprocess = PreprocessConfig.from_dict(self.manifest["preprocess"])
         self.template = (get_template(options["template"]) if options.get("template")

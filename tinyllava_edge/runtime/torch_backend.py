@@ -25,10 +25,10 @@ from ..errors import TinyLlavaError
 from .backend import check_options, check_segments, stop_token_ids
 from .devices import JETSON_MARKER
 
-OPTIONS = ("dtype", "quantization", "n_threads", "n_ctx", "template")
+OPTIONS = ("dtype", "quantization", "quantize_vision", "n_threads", "n_ctx", "template")
 DTYPES = MappingProxyType({"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"})
-# Quantized torch loading (bitsandbytes nf4 / int8, GPTQ) belongs to the quantization stage.
-QUANTIZATIONS = ("bnb4", "bnb8", "gptq")
+# Quantized torch loading comes from the quantization stage (quant/torch_bnb.py: TORCH_SCHEMES,
+# bitsandbytes nf4 / fp4 / int8; gptq is registered there with the reason it is unavailable).
 
 
 def _torch_device(device: str, torch) -> str:
@@ -95,8 +95,10 @@ class _DiffDetokenizer:
 class TorchBackend:
     """A checkpoint directory on `device` ("auto" | "cpu" | "cuda" | "jetson").
 
-    Options: `dtype` "fp32" (default) | "bf16" | "fp16"; `quantization` (bnb4, bnb8, gptq: not
-    yet); `n_threads` (sets torch's intra-op threads, process-wide); `n_ctx` (default: the
+    Options: `dtype` "fp32" (default) | "bf16" | "fp16" (the compute dtype); `quantization`
+    "nf4" | "fp4" | "int8" (bitsandbytes, the LLM's linears; "gptq" raises: GPTQModel is not in the
+    default environment) with `quantize_vision` True to quantize tower + connector too;
+    `n_threads` (sets torch's intra-op threads, process-wide); `n_ctx` (default: the
     checkpoint's `tokenizer_model_max_length`); `template` a chat template name.
     """
 
@@ -106,10 +108,11 @@ class TorchBackend:
         check_options(self.kind, options, OPTIONS)
         quantization = options.get("quantization")
         if quantization is not None:
-            if quantization not in QUANTIZATIONS:
-                raise TinyLlavaError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
-            raise TinyLlavaError(f"not yet: loading a checkpoint with {quantization} quantization comes with the "
-                                 "quantization stage (quant/); run it in fp32, bf16 or fp16 for now")
+            from ..quant.torch_bnb import torch_scheme
+
+            torch_scheme(quantization)  # unknown or unavailable (gptq): one sentence before any loading
+        elif options.get("quantize_vision"):
+            raise TinyLlavaError("quantize_vision needs a quantization (nf4, fp4 or int8)")
         dtype = options.get("dtype", "fp32")
         if dtype not in DTYPES:
             raise TinyLlavaError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -126,8 +129,15 @@ class TorchBackend:
                 raise TinyLlavaError(f"n_threads must be at least 1, got {options['n_threads']}")
             torch.set_num_threads(int(options["n_threads"]))
         self.dtype = getattr(torch, DTYPES[dtype])
-        self.model = TinyLlavaForConditionalGeneration.from_pretrained(self.path, dtype=self.dtype,
-                                                                       device=self.device).eval()
+        if quantization is None:
+            self.model = TinyLlavaForConditionalGeneration.from_pretrained(self.path, dtype=self.dtype,
+                                                                           device=self.device).eval()
+        else:
+            from ..quant.torch_bnb import load_quantized
+
+            self.model = load_quantized(self.path, quantization, vision=bool(options.get("quantize_vision")),
+                                        device=self.device, dtype=self.dtype)
+        self.quantization = quantization
         self.tokenizer = load_tokenizer(self.path)
         config = self.model.config
         self.template = get_template(options.get("template") or default_template_for_family(config.llm_family))
@@ -199,7 +209,8 @@ class TorchBackend:
 
     def info(self) -> dict:
         return {"backend": self.kind, "path": str(self.path), "device": self.device,
-                "dtype": str(self.dtype).removeprefix("torch."), "n_threads": self._torch.get_num_threads(),
+                "dtype": str(self.dtype).removeprefix("torch."), "quantization": self.quantization,
+                "n_threads": self._torch.get_num_threads(),
                 "n_ctx": self.n_ctx, "template": self.template.name}
 
     def close(self) -> None:

@@ -1,0 +1,162 @@
+"""`quantize_bundle`: a 16/32-bit bundle -> a new bundle with its LLM GGUF (and optionally mmproj,
+vision graphs) quantized. What `tinyllava-quantize` runs.
+
+    quantize_bundle("bundles/tiny", "bundles/tiny-q4", quant="Q4_K_M", onnx=("int8", "int4"))
+
+The source bundle is read with `read_manifest` (hashes checked) and left untouched. The new one is
+assembled in a temporary directory beside `out_dir` (the other parts copied, the LLM requantized
+from the F16/F32 file by llama.cpp) and renamed into place only when complete, so a failure
+leaves nothing at `out_dir`. The manifest keeps every fact of the source and records, per new
+file, its quant type, size and sha256; the LLM record also lists the per-tensor types actually
+written (`tensor_types`) and which tensors are not in the main type (`not_main_type`: K-quant
+fallbacks and the mix's wider tensors). `quantization` in the manifest says what was done and
+the measured fidelity against the source bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.export.bundle import _check_destination, _move_into_place, _staging_dir, _Steps
+from tinyllava_edge.export.manifest import MANIFEST_NAME, file_record, files_by_role, read_manifest, write_manifest
+
+from .gguf import BITS_TO_TYPE, GGUF_TYPES, gguf_type, quantize_gguf
+from .onnx import ONNX_SCHEMES
+
+DEFAULT_QUANT = "Q4_K_M"
+CHECK_PROMPTS = 4  # synthetic image prompts the fidelity check decodes
+CHECK_TOKENS = 8
+
+
+def resolve_quant(quant: str | None, bits: int | None) -> str:
+    """`--quant TYPE` or `--bits 4|8` (one of them) -> a registered GGUF type."""
+    if quant is not None and bits is not None:
+        raise TinyLlavaError("give either a GGUF type (--quant) or a bit width (--bits), not both")
+    if bits is not None:
+        if bits not in BITS_TO_TYPE:
+            raise TinyLlavaError(f"--bits {bits} is not offered; expected one of "
+                                 f"{', '.join(str(b) for b in sorted(BITS_TO_TYPE))}")
+        return BITS_TO_TYPE[bits]
+    return gguf_type(quant or DEFAULT_QUANT).name
+
+
+def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant: str = DEFAULT_QUANT,
+                    onnx: Sequence[str] = (), vision_default: str | None = None, mmproj: str | None = "Q8_0",
+                    calibration: Sequence[np.ndarray] | None = None, verify: bool = True, overwrite: bool = False,
+                    progress: bool = True) -> dict:
+    """Write a copy of `bundle_dir` at `out_dir` with `llm-<quant>.gguf` instead of its F16/F32 LLM.
+
+    `onnx`: vision graph schemes to add (int8, int4, int4-gptq; the last needs `calibration`,
+    batches of preprocessed images). `vision_default`: the graph the runtime runs by default
+    (None keeps the source's). `mmproj` "Q8_0" requantizes an F16/F32 mmproj (None copies it).
+    `verify` decodes CHECK_PROMPTS synthetic image prompts with both LLM files and records the
+    agreement. Returns {path, manifest, seconds}.
+    """
+    gguf_type(quant)
+    for scheme in onnx:
+        ONNX_SCHEMES.get(scheme)
+    source, final = Path(bundle_dir), Path(out_dir)
+    if not source.is_dir() or not (source / MANIFEST_NAME).is_file():
+        raise TinyLlavaError(f"{source} is not a bundle (no {MANIFEST_NAME}); expected a directory written by "
+                             "tinyllava-export")
+    manifest = read_manifest(source)
+    llms = files_by_role(manifest, "llm")
+    if not llms:
+        raise TinyLlavaError(f"bundle {source} has no LLM GGUF (an onnx-format bundle); quantize a gguf bundle")
+    llm = llms[0]
+    if llm["quant"] not in ("F16", "F32"):
+        raise TinyLlavaError(f"bundle {source} holds a {llm['quant']} LLM; quantize from a 16- or 32-bit bundle "
+                             "(requantizing compounds the rounding)")
+    if source.resolve() == final.resolve():
+        raise TinyLlavaError(f"the output {final} is the source bundle; write the quantized bundle elsewhere")
+    _check_destination(final, overwrite)
+    mm = files_by_role(manifest, "mmproj")
+    redo_mmproj = mmproj is not None and bool(mm) and mm[0]["quant"] in ("F16", "F32")
+    steps = _Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
+    started = time.perf_counter()
+    staging = _staging_dir(final)
+    try:
+        steps.start(f"copying {source.name}")
+        replaced = {llm["name"]} | ({mm[0]["name"]} if redo_mmproj else set())
+        files = []
+        for record in manifest["files"]:
+            if record["name"] in replaced:
+                continue
+            shutil.copyfile(source / record["name"], staging / record["name"])
+            files.append(dict(record))
+        steps.start(f"{llm['name']} -> llm-{quant}.gguf (llama.cpp quantizer)")
+        llm_path = staging / f"llm-{quant}.gguf"
+        report = quantize_gguf(source / llm["name"], llm_path, quant)
+        llm_record = {**{k: v for k, v in llm.items() if k not in ("name", "quant", "size", "sha256")},
+                      **file_record(llm_path, "llm", "gguf", quant), "source_file": llm["name"],
+                      "tensor_types": report["summary"]["counts"], "main_type": report["summary"]["main_type"],
+                      "not_main_type": report["summary"]["not_main_type"]}
+        files.insert(_index(manifest["files"], llm["name"]), llm_record)
+        record_of = {"llm": {"type": quant, "from": llm["name"], **report["summary"]}}
+        if redo_mmproj:
+            from .mmproj import quantize_mmproj
+
+            steps.start(f"{mm[0]['name']} -> mmproj-{mmproj}.gguf")
+            path = staging / f"mmproj-{mmproj}.gguf"
+            quantize_mmproj(source / mm[0]["name"], path, mmproj)
+            facts = {k: v for k, v in mm[0].items() if k not in ("name", "quant", "size", "sha256")}
+            files.insert(_index(manifest["files"], mm[0]["name"]),
+                         {**file_record(path, "mmproj", "gguf", mmproj), **facts})
+            record_of["mmproj"] = {"type": mmproj, "from": mm[0]["name"]}
+        new_manifest = copy.deepcopy(manifest)
+        if onnx:
+            from tinyllava_edge.data.preprocess import PreprocessConfig
+
+            from .vision import vision_variants
+
+            steps.start(f"vision graphs: {', '.join(onnx)}")
+            fp32 = next(f for f in files if f["role"] == "vision" and f["quant"] == "fp32")
+            variants = vision_variants(staging, fp32, PreprocessConfig.from_dict(manifest["preprocess"]), onnx,
+                                       calibration=calibration)
+            files = [f for f in files if not (f["role"] == "vision" and f["quant"] in onnx)] + variants["files"]
+            record_of["vision"] = variants["validation"]
+            new_manifest["vision_default"] = vision_default or variants["vision_default"]
+        elif vision_default:
+            new_manifest["vision_default"] = vision_default
+        if new_manifest.get("vision_default") and not any(
+                f["role"] == "vision" and f["quant"] == new_manifest["vision_default"] for f in files):
+            raise TinyLlavaError(f"vision_default {new_manifest['vision_default']!r} names no vision graph of the "
+                                 "bundle")
+        if verify:
+            steps.start(f"checking llm-{quant}.gguf against {llm['name']} on {CHECK_PROMPTS} image prompts")
+            from .fidelity import compare_llm_files
+
+            record_of["llm"]["fidelity"] = compare_llm_files(manifest, source, source / llm["name"], llm_path,
+                                                             CHECK_PROMPTS, CHECK_TOKENS)
+        steps.start("writing manifest.json")
+        new_manifest.update({
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "bits": int(gguf_type(quant).bits),  # nominal: Q8_0 -> 8, Q6_K -> 6, Q4_K_M -> 4
+            "files": files,
+            "quantization": {"source_bundle": str(source.resolve()), "source_created": manifest.get("created"),
+                             **record_of},
+        })
+        write_manifest(staging, new_manifest)
+        read_manifest(staging)  # the new bundle is whole and self-consistent
+        _move_into_place(staging, final)
+        steps.done()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"path": str(final), "manifest": new_manifest, "seconds": time.perf_counter() - started}
+
+
+def _index(records: list[dict], name: str) -> int:
+    return next(i for i, r in enumerate(records) if r["name"] == name)
+
+
+__all__ = ["quantize_bundle", "resolve_quant", "DEFAULT_QUANT", "GGUF_TYPES"]

@@ -1,0 +1,79 @@
+"""How close a quantized LLM GGUF stays to its source file, measured with image prompts.
+
+Both files decode the same prompts (synthetic images through the bundle's fp32 vision graph, the
+bundle's template, llama.cpp's tokenizer) with an F32 KV cache and flash attention off, so what
+differs is the weights. Figures: greedy-token agreement (position by position against the
+source's tokens), answers identical, mean KL(source || quantized) of the first answer token's
+distribution, and the largest prompt-logit difference relative to the largest source logit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """KL(p_ref || p) in nats of two next-token logit vectors."""
+    p, q = log_softmax(ref_logits), log_softmax(logits)
+    return float((np.exp(p) * (p - q)).sum(-1))
+
+
+def token_agreement(ref: list[int], got: list[int]) -> int:
+    """How many of `ref`'s tokens `got` has at the same position."""
+    return sum(a == b for a, b in zip(ref, got))
+
+
+def compare_llm_files(manifest: dict, bundle_dir: Path, ref_path: Path, cand_path: Path, n_prompts: int,
+                      n_tokens: int) -> dict:
+    import onnxruntime as ort
+
+    from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
+    from tinyllava_edge.data.template import Template
+    from tinyllava_edge.export.checks import LlamaCppTokenizer, image_prompt, synthetic_images
+    from tinyllava_edge.export.manifest import files_by_role
+    from tinyllava_edge.llamacpp import LlamaCppModel, split_segments
+
+    llm_record = files_by_role(manifest, "llm")[0]
+    scale = float(llm_record.get("image_features_scale", 1.0)) * float(llm_record.get("embd_input_scale", 1.0))
+    vision = next(f for f in files_by_role(manifest, "vision") if f["quant"] == "fp32")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(bundle_dir / vision["name"]), options, providers=["CPUExecutionProvider"])
+    template = Template.from_dict(manifest["template"])
+    pixels = preprocess(synthetic_images(n_prompts, seed=3), PreprocessConfig.from_dict(manifest["preprocess"]))
+    rows = session.run(["image_embeds"], {"pixel_values": pixels})[0] * np.float32(scale)
+    eos = manifest.get("tokenizer", {}).get("eos_token_id")
+    runs = []
+    for path in (ref_path, cand_path):
+        with LlamaCppModel(path, n_ctx=vision["n_tokens"] + n_tokens + 256, n_threads=1, kv_type="f32",
+                           flash_attn="off") as llm:
+            tokenizer = LlamaCppTokenizer(llm)
+            stops = [eos if eos is not None else llm.eos_id]
+            out = []
+            for i in range(n_prompts):
+                ids = template.encode(image_prompt(i), tokenizer, mode="eval")["input_ids"]
+                tokens, first = llm.generate(split_segments(ids, [rows[i]], -200), n_tokens, stop_ids=stops,
+                                             return_logits=True)
+                out.append((first, list(tokens)))
+            runs.append(out)
+    ref, cand = runs
+    total = sum(len(t) for _, t in ref)
+    agree = sum(token_agreement(r[1], c[1]) for r, c in zip(ref, cand))
+    return {
+        "prompts": n_prompts,
+        "new_tokens": n_tokens,
+        "greedy_token_agreement": 100.0 * agree / max(1, total),
+        "answers_identical": sum(r[1] == c[1] for r, c in zip(ref, cand)),
+        "first_token_kl_mean": float(np.mean([kl(r[0], c[0]) for r, c in zip(ref, cand)])),
+        "logits_rel_diff": float(max(np.abs(r[0] - c[0]).max() / max(1.0, np.abs(r[0]).max())
+                                     for r, c in zip(ref, cand))),
+    }

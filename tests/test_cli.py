@@ -30,12 +30,12 @@ def test_pipeline_runs_and_reuses_its_stages(tmp_path):
     from tinyllava_edge.cli.pipeline import main
 
     work = tmp_path / "work"
-    assert main(["--workdir", str(work), "--questions", "2", "--quick"]) == 0
+    assert main(["--workdir", str(work), "--questions", "2", "--quick", "--no-demo"]) == 0
     for part in ("data/meta.json", "tokenizer/tokenizer.json", "model/config.json", "model/model.safetensors",
                  "eval/results.json", "recipe_summary.json", "bundle/manifest.json", "bundle/llm-F16.gguf"):
         assert (work / part).is_file(), part
     stamp = (work / "model" / "model.safetensors").stat().st_mtime_ns
-    assert main(["--workdir", str(work), "--questions", "1", "--quick"]) == 0
+    assert main(["--workdir", str(work), "--questions", "1", "--quick", "--no-demo"]) == 0
     assert (work / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # kept, not rebuilt
 
 

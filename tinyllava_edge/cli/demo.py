@@ -45,13 +45,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         variants = discover(args.model)
+    except USER_ERRORS as err:
+        return fail(err)
+    return serve(variants, args)
+
+
+def serve(variants, args: argparse.Namespace) -> int:
+    """Build the page for `variants` and serve it until interrupted (also the main job's last step)."""
+    try:
         from ..apps.demo import build_app
 
         options = {"n_threads": args.threads} if args.threads else {}
         app = build_app(variants, args.device, concurrency=args.concurrency, load_options=options, preload=True)
     except USER_ERRORS as err:
         return fail(err)
-    print(f"serving {', '.join(v.name for v in variants)} on {args.device}", file=sys.stderr)
+    print(f"serving {', '.join(v.name for v in variants)} on {args.device}: open http://{args.host}:{args.port} "
+          "in a browser (Ctrl+C stops)", file=sys.stderr, flush=True)
     try:
         app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,
                    allowed_paths=[str(app.examples_dir)], show_error=True)

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for data and weights (default: 0)")
     parser.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
     parser.add_argument("--questions", type=int, default=5, help="test questions to ask at the end (default: 5)")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="end after the summary instead of serving the demo page")
+    parser.add_argument("--port", type=int, default=7860, help="the demo's port on 127.0.0.1 (default: 7860)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run in seconds: a few images and 2 steps per stage (the model stays untrained)")
     return parser
@@ -128,7 +131,7 @@ def print_summary(summary: dict) -> None:
     for a in summary["answers"]:
         print(f"    Q: {a['question']}  expected: {a['expected']!r}  got: {a['answer']!r}  "
               f"(TTFT {a['ttft_ms']:.0f} ms)")
-    print("  not built yet in this command: quantization, demo")
+    print("  not built yet in this command: quantization")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +141,23 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         return fail(err)
     print_summary(summary)
-    return 0
+    if args.no_demo:
+        return 0
+    return _serve_demo(Path(summary["workdir"]), args.port)
+
+
+def _serve_demo(work: Path, port: int) -> int:
+    """The last step: the Gradio demo over the edge bundle and the checkpoint it came from."""
+    from ..apps.variants import discover
+    from .demo import build_parser as demo_parser
+    from .demo import serve
+
+    try:
+        variants = [*discover(work / BUNDLE), *discover(work / "model")]
+    except USER_ERRORS as err:
+        return fail(err)
+    print("\n[demo] serving the demo page; the bundle and the torch checkpoint are its two variants", flush=True)
+    return serve(variants, demo_parser().parse_args(["--port", str(port)]))
 
 
 if __name__ == "__main__":

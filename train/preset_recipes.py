@@ -67,11 +67,11 @@ PRESET_RECIPES.add("tiny-shapes", PresetRecipe(
                               "max_objects": 4}),
     stages=(
         StagePlan("pretrain", "pretrain.json", MappingProxyType({
-            "stage": "pretrain", **_SHAPES_TUNE, "lr": 1e-3, "batch_size": 16, "max_steps": 300,
+            "stage": "pretrain", **_SHAPES_TUNE, "lr": 1e-3, "connector_lr": 3e-3, "batch_size": 16, "max_steps": 200,
             "warmup_ratio": 0.03})),
         StagePlan("model", "instruct.json", MappingProxyType({
-            "stage": "finetune", **_SHAPES_TUNE, "lr": 1e-3, "batch_size": 16, "max_steps": 1200,
-            "warmup_ratio": 0.03, "group_by_length": False})),
+            "stage": "finetune", **_SHAPES_TUNE, "lr": 1e-3, "connector_lr": 3e-3, "batch_size": 16, "max_steps": 1100,
+            "warmup_ratio": 0.03})),
     ),
 ))
 

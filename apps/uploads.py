@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..data.preprocess import load_image
 from ..errors import TinyLlavaError
 
 MAX_SIDE = 8192  # px; the towers take 48-384 px, anything larger only costs decode time and memory
@@ -41,7 +42,7 @@ def open_upload(path: Path, name: str | None = None) -> Image.Image:
                 raise TinyLlavaError(f"image {name} is {width}x{height} pixels; the demo takes images up to "
                                      f"{MAX_SIDE} px a side and {MAX_PIXELS // 1_000_000} megapixels")
             image.load()  # decodes every byte: a truncated file raises here
-            return image.convert("RGB")
+            return load_image(image)  # RGB the runtime's way: EXIF rotation, 16-bit grey scaled
     except Image.DecompressionBombError:
         raise TinyLlavaError(f"image {name} declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; the demo "
                              f"takes images up to {MAX_SIDE} px a side") from None

@@ -42,6 +42,7 @@ from tinyllava_edge.errors import TinyLlavaError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _REQUIRED = ("format_version", "source", "model", "preprocess", "template", "files")
+_OBJECTS = ("source", "model", "preprocess", "template")  # required keys whose value is a JSON object
 _HASH_CHUNK = 1 << 20
 
 
@@ -112,6 +113,10 @@ def read_manifest(bundle_dir: str | os.PathLike, *, check_hashes: bool = True) -
     missing = [key for key in _REQUIRED if key not in manifest]
     if missing:
         raise TinyLlavaError(f"{path} lacks {', '.join(missing)}")
+    wrong = [key for key in _OBJECTS if not isinstance(manifest[key], dict)]
+    if wrong:
+        raise TinyLlavaError(f"{path} has {', '.join(wrong)} that {'is' if len(wrong) == 1 else 'are'} not a JSON "
+                             "object; the file was changed after export")
     _check_files(folder, manifest["files"], check_hashes)
     check_parts(manifest)
     return manifest
@@ -144,12 +149,12 @@ def check_parts(manifest: Mapping[str, Any]) -> None:
     visions = [f for f in files if f.get("role") == "vision"]
     llms = [f for f in files if f.get("role") == "llm"]
     mmprojs = [f for f in files if f.get("role") == "mmproj"]
-    size = list(manifest["preprocess"].get("size", []))
+    size = _as_list(manifest["preprocess"].get("size", []))
     for vision in visions:
         if vision.get("n_tokens") != model.get("image_tokens"):
             raise TinyLlavaError(f"{vision['name']} gives {vision.get('n_tokens')} image tokens but the model records "
                                  f"{model.get('image_tokens')}")
-        if vision.get("image_size") is not None and list(vision["image_size"]) != size:
+        if vision.get("image_size") is not None and _as_list(vision["image_size"]) != size:
             raise TinyLlavaError(f"{vision['name']} takes {vision['image_size']} pixel images but the preprocessing "
                                  f"makes {size}")
         for llm in llms:
@@ -164,6 +169,10 @@ def check_parts(manifest: Mapping[str, Any]) -> None:
             if mmproj.get("hidden") != llm.get("n_embd"):
                 raise TinyLlavaError(f"{mmproj['name']} projects to {mmproj.get('hidden')} wide but {llm['name']} "
                                      f"has n_embd {llm.get('n_embd')}")
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def files_by_role(manifest: Mapping[str, Any], role: str) -> list[dict]:

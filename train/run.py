@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 CONFIG_JSON = "train_config.json"
 SHIPPED_DEEPSPEED = {"zero2": "zero2.json", "zero3": "zero3.json"}
 SHIPPED_FSDP = "fsdp.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # transformers.trainer_utils PREFIX_CHECKPOINT_DIR
 
 
 @dataclass
@@ -56,13 +58,11 @@ def shipped_config(name: str) -> Path:
 # -- before anything is built --------------------------------------------------------------------------
 
 def _check_output(config: TrainConfig) -> Path:
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise TinyLlavaError(f"output {out} is a file; expected a directory")
     if config.resume:
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last = last_complete_checkpoint(out) if out.is_dir() else None
         if last is None:
             raise TinyLlavaError(f"nothing to resume: {out} holds no checkpoint-N folder")
         saved = out / CONFIG_JSON
@@ -239,7 +239,8 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
                              "on two or more GPUs")
     first_step = _checkpoint_step(out) if config.resume else 0
     t0 = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=True if config.resume else None)
+    resume_from = str(last_complete_checkpoint(out)) if config.resume else None
+    output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - t0
 
     with _gathered(trainer, trained):
@@ -279,11 +280,21 @@ def _prepare_output(out: Path, config: TrainConfig) -> None:
     (out / CONFIG_JSON).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
-def _checkpoint_step(out: Path) -> int:
-    from transformers.trainer_utils import get_last_checkpoint
+def last_complete_checkpoint(out: Path) -> Path | None:
+    """The highest `checkpoint-N` that was written to the end, or None.
 
-    last = get_last_checkpoint(str(out))
-    return int(Path(last).name.split("-")[-1]) if last else 0
+    transformers writes `trainer_state.json` last in a checkpoint (Trainer._save_checkpoint: model,
+    optimizer, scheduler, RNG, then state), so a run killed while saving leaves a folder without it;
+    its own `get_last_checkpoint` would pick that half-written folder and the resume would fail.
+    """
+    done = [(int(m.group(1)), path) for path in out.glob("checkpoint-*")
+            if (m := _CHECKPOINT.fullmatch(path.name)) and (path / "trainer_state.json").is_file()]
+    return max(done)[1] if done else None
+
+
+def _checkpoint_step(out: Path) -> int:
+    last = last_complete_checkpoint(out)
+    return int(last.name.split("-")[-1]) if last else 0
 
 
 def _zero3(trainer) -> bool:

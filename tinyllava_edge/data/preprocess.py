@@ -281,7 +281,21 @@ def load_image(image: ImageInput, exif_transpose: bool = True) -> Image.Image:
         )
     if exif_transpose:
         img = ImageOps.exif_transpose(img)
+    if img.mode in _WIDE_GREY:
+        img = _grey_to_8bit(img)
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# 16-bit greyscale (PNG/TIFF) opens as one of these; PIL's convert("RGB") clips every value above
+# 255 to white instead of scaling, so a 16-bit picture came out blank (Factory's loader too).
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)  # (H, W)
+    if img.mode == "I" and values.max(initial=0) <= 255:
+        return Image.fromarray(values.astype(np.uint8))  # 32-bit storage of 8-bit values
+    return Image.fromarray((values >> 8).astype(np.uint8))
 
 
 def _open(path: str) -> Image.Image:

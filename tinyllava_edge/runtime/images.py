@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -46,28 +47,32 @@ class ImageCache:
     def __init__(self, capacity: int = DEFAULT_CACHE_SIZE):
         self.capacity = capacity
         self._rows: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # threads sharing a VLM encode images before one of them decodes
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str) -> np.ndarray | None:
-        rows = self._rows.get(key)
-        if rows is None:
-            self.misses += 1
-            return None
-        self._rows.move_to_end(key)
-        self.hits += 1
-        return rows
+        with self._lock:
+            rows = self._rows.get(key)
+            if rows is None:
+                self.misses += 1
+                return None
+            self._rows.move_to_end(key)
+            self.hits += 1
+            return rows
 
     def put(self, key: str, rows: np.ndarray) -> None:
         if self.capacity <= 0:
             return
-        self._rows[key] = rows
-        self._rows.move_to_end(key)
-        while len(self._rows) > self.capacity:
-            self._rows.popitem(last=False)
+        with self._lock:
+            self._rows[key] = rows
+            self._rows.move_to_end(key)
+            while len(self._rows) > self.capacity:
+                self._rows.popitem(last=False)
 
     def clear(self) -> None:
-        self._rows.clear()
+        with self._lock:
+            self._rows.clear()
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -14,12 +14,15 @@ model's own tokenizer (llama.cpp's for a bundle). Answers end at EOS, at a templ
 string, at a `stop` string of the call, after `max_new_tokens`, or when the context is full;
 they come without leading whitespace.
 
-A VLM holds one KV cache and is not thread-safe: use one per thread. Images are cached by
+A VLM holds one KV cache: one generation runs at a time. A second thread that asks while one is
+decoding gets a TinyLlavaError at its first token (not a mixed-up cache); load one VLM per thread
+for parallel answers. Images are cached by
 content (see runtime/images.py): the same image again skips the vision encoder.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -43,6 +46,11 @@ def check_prompt(prompt: Any) -> str:
         raise TinyLlavaError(f"a prompt must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise TinyLlavaError("the prompt is empty; ask a question")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: undecodable bytes from argv or a file read leniently
+        raise TinyLlavaError(f"the prompt is not valid UTF-8 text (character {err.start} cannot be encoded); "
+                             "give it as UTF-8") from None
     if DEFAULT_IMAGE_TOKEN in prompt:
         raise TinyLlavaError(f"the prompt contains {DEFAULT_IMAGE_TOKEN!r}; pass the image as the image argument and "
                              "the runtime places it")
@@ -73,6 +81,8 @@ class VLM:
         self.last_tokens: list[int] = []  # the tokens chosen by the last call, stop token included
         self.last_text = ""
         self._owner: object | None = None  # the chat session whose history the KV cache holds
+        self._busy = threading.Lock()  # guards _decoding
+        self._decoding: int | None = None  # the thread whose generation holds the KV cache
 
     # -- facts ----------------------------------------------------------------------------------------
 
@@ -222,6 +232,22 @@ class VLM:
 
     def decode(self, segments: Sequence, params: SamplingParams, stats: GenerationStats, *, fresh: bool,
                started: float) -> Iterator[str]:
+        """`_decode`, refused (one sentence) while another thread's generation holds the KV cache."""
+        me = threading.get_ident()
+        with self._busy:
+            if self._decoding not in (None, me):
+                raise TinyLlavaError(f"model {self.model_id} is answering in another thread; a VLM holds one KV "
+                                     "cache, so load one per thread (or wait for the answer) to ask in parallel")
+            self._decoding = me
+        try:
+            yield from self._decode(segments, params, stats, fresh=fresh, started=started)
+        finally:
+            with self._busy:
+                if self._decoding == me:
+                    self._decoding = None
+
+    def _decode(self, segments: Sequence, params: SamplingParams, stats: GenerationStats, *, fresh: bool,
+                started: float) -> Iterator[str]:
         """Evaluate `segments` (after emptying the cache when `fresh`), then choose and stream tokens.
 
         The last token chosen is never evaluated (it is the stop token, or the answer ended there):

@@ -1,7 +1,7 @@
 """Load test of the Gradio demo: concurrent sessions asking shapes questions through gradio_client.
 
     python benchmarks/demo_load.py                          # runs/tiny-shapes/bundle, 8 x 5
-    python benchmarks/demo_load.py --model /tmp/exp/b2 --sessions 16 --questions 10
+    python benchmarks/demo_load.py --model runs/tiny-shapes/bundle --sessions 16 --questions 10
 
 Serves the demo in this process (so its peak RSS is this process's), drives `/ask` from
 `--sessions` threads (each its own gradio_client session), and prints latency percentiles,

@@ -21,12 +21,8 @@ import time
 
 import torch
 
-QWEN2_05B = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
-SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                     num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14,
-                     hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+from tinyllava_edge.bench.dims import QWEN2_05B, SIGLIP_SO400M
+
 TINY_TEXT = {**QWEN2_05B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "vocab_size": 1000}
 TINY_VISION = {**SIGLIP_SO400M, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

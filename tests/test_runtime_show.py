@@ -39,8 +39,10 @@ from tinyllava_edge.runtime.stats import peak_rss_bytes
 ROOT = Path(__file__).resolve().parents[1]
 MINIATURE = "TinyLLaVA-Qwen2-0.5B-SigLIP"
 EXACT = {"device": "cpu", "n_threads": 1, "kv_type": "f32", "flash_attn": "off"}
-SHAPES_MODEL = Path("/tmp/exp/bench/model")
-SHAPES_DATA = Path("/tmp/exp/bench/data")
+# The main job's trained model (bash scripts/main.sh); TINYLLAVA_SHAPES_RUN points elsewhere.
+SHAPES_RUN = Path(os.environ.get("TINYLLAVA_SHAPES_RUN", ROOT / "runs" / "tiny-shapes"))
+SHAPES_MODEL = SHAPES_RUN / "model"
+SHAPES_DATA = SHAPES_RUN / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -396,7 +398,7 @@ N_SHAPES = 50
 
 
 @pytest.mark.skipif(not (SHAPES_MODEL / "config.json").is_file() or not (SHAPES_DATA / "test.json").is_file(),
-                    reason="no trained tiny-shapes model in /tmp/exp/bench (benchmarks/tiny_shapes.py makes one)")
+                    reason=f"no trained tiny-shapes model in {SHAPES_RUN} (the main job makes one)")
 def test_shapes_bundle_matches_checkpoint(tmp_path):
     from tinyllava_edge.export import export_bundle
 

@@ -1,0 +1,198 @@
+"""One contender, one process: load, warm up, time the prompts, answer the accuracy subset.
+
+    python -m tinyllava_edge.bench.worker SPEC.json RESULT.json
+
+Run by :mod:`.speed` in a fresh subprocess per contender and round, so the peak RSS it reports
+is that contender's alone and nothing stays warm between rounds except the OS page cache.
+`SPEC` says which runner (`vlm`: tinyllava_edge.load, either backend; `raw`: llama-cpp-python's
+high-level `Llama` on text of the same length; `mtmd`: `Llava15ChatHandler` with the bundle's
+mmproj), the model files, the prompts and the generation length.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..runtime.stats import peak_rss_bytes
+
+# Raw llama.cpp prompts are padded with this text to the positions our prompt takes with its image.
+_FILLER = " The quick brown fox jumps over the lazy dog."
+
+
+def _timed_vlm(spec: dict) -> dict:
+    from .. import load
+    from ..eval.metrics import exact_match_text
+
+    t = time.perf_counter()
+    vlm = load(spec["model"], device="cpu", **spec.get("options", {}))
+    load_s = time.perf_counter() - t
+    n = spec["max_new_tokens"]
+    # Timed runs decode max_new_tokens whatever the model says (llama-bench's convention too): a
+    # trained model stops after two or three tokens, too few to time. Accuracy runs stop at EOS.
+    stop_ids, vlm.backend.stop_ids = vlm.backend.stop_ids, frozenset()
+    vlm.generate(spec["warmup"]["image"], spec["warmup"]["question"], max_new_tokens=n)
+    runs, cached = [], []
+    for prompt in spec["prompts"]:
+        _, stats = vlm.generate(prompt["image"], prompt["question"], max_new_tokens=n, return_stats=True)
+        runs.append(stats.as_dict())
+        # the same image again: its embedding comes from the VLM's image cache
+        _, stats = vlm.generate(prompt["image"], prompt["question"], max_new_tokens=n, return_stats=True)
+        cached.append(stats.as_dict())
+    vlm.backend.stop_ids = stop_ids
+    correct = []
+    for item in spec.get("accuracy", []):
+        text = vlm.generate(item["image"], item["question"], max_new_tokens=8)
+        correct.append(exact_match_text(text) == exact_match_text(item["answer"]))
+    vlm.close()
+    return {"load_s": load_s, "runs": runs, "cached": cached, "correct": correct}
+
+
+def _no_extra_bufts():
+    """llama-cpp-python's `Llama` with ggml's extra CPU buffer types off where our runtime turns
+    them off (AMX CPUs segfault on quantized files otherwise, tinyllava_edge/llamacpp.py): the
+    same weights layout for both, so the comparison measures the wrappers only."""
+    import llama_cpp.llama_cpp as lib
+
+    from ..llamacpp import _extra_bufts_safe
+
+    if _extra_bufts_safe():
+        return
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+
+
+def _timed_raw(spec: dict) -> dict:
+    _no_extra_bufts()
+    from llama_cpp import Llama
+
+    t = time.perf_counter()
+    llm = Llama(model_path=spec["gguf"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
+                n_threads_batch=spec["n_threads"], n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t
+    n = spec["max_new_tokens"]
+
+    def prompt_tokens(question: str) -> list[int]:
+        ids = llm.tokenize(question.encode(), add_bos=True, special=True)
+        filler = llm.tokenize(_FILLER.encode(), add_bos=False, special=False)
+        while len(ids) < spec["positions"]:
+            ids += filler
+        return ids[:max(spec["positions"], 1)]
+
+    def run(question: str) -> dict:
+        ids = prompt_tokens(question)
+        llm.reset()
+        started = time.perf_counter()
+        first = last = started
+        count = 0
+        for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            llm.detokenize([token])
+            last = time.perf_counter()
+            count += 1
+            if count == 1:
+                first = last
+            if count >= n:
+                break
+        return {"ttft_ms": (first - started) * 1e3, "prefill_tokens": len(ids),
+                "prefill_tokens_per_s": len(ids) / (first - started), "decode_tokens": count,
+                "decode_tokens_per_s": (count - 1) / (last - first) if count > 1 and last > first else None,
+                "image_encode_ms": None}
+
+    run("warm-up: " + spec["warmup"]["question"])
+    runs = [run(p["question"]) for p in spec["prompts"]]
+    llm.close()
+    return {"load_s": load_s, "runs": runs, "cached": [], "correct": []}
+
+
+def _data_uri(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _timed_mtmd(spec: dict) -> dict:
+    _no_extra_bufts()
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    from ..constants import DEFAULT_IMAGE_TOKEN
+    from ..data.template import Template
+    from ..eval.metrics import exact_match_text
+
+    t = time.perf_counter()
+    handler = Llava15ChatHandler(clip_model_path=spec["mmproj"], verbose=False)
+    llm = Llama(model_path=spec["gguf"], chat_handler=handler, n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
+                n_threads_batch=spec["n_threads"], n_batch=512,
+                # verbose=False nests a second stdout/stderr redirection inside the handler's and
+                # fails ("I/O operation on closed file"); the log goes to the captured stderr
+                verbose=True)
+    load_s = time.perf_counter() - t  # mtmd loads the mmproj lazily: on the first image (in warm-up)
+    n = spec["max_new_tokens"]
+
+    template = Template.from_dict(spec["template"])
+    eos_bias = {str(llm.token_eos()): -1e9}
+
+    def run(image: str, question: str, max_tokens: int, timed: bool = True) -> tuple[str, dict]:
+        # The handler's own template is LLaVA-1.5's; the model was trained on the bundle's. Its
+        # jinja CHAT_FORMAT becomes our exact prompt with the image URL where <image> goes (the
+        # handler swaps the URL for mtmd's media marker).
+        before, after = template.render_prompt(f"{DEFAULT_IMAGE_TOKEN}\n{question}").split(DEFAULT_IMAGE_TOKEN, 1)
+        handler.CHAT_FORMAT = ("{% raw %}" + before + "{% endraw %}{{ messages[-1].content[0].image_url.url }}"
+                               "{% raw %}" + after + "{% endraw %}")
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(image)}},
+                                                 {"type": "text", "text": question}]}]
+        started = time.perf_counter()
+        first = last = started
+        count, text = 0, []
+        # timed runs decode max_tokens whatever the model says, as the other contenders do
+        for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0,
+                                                top_k=1, repeat_penalty=1.0, stream=True,
+                                                logit_bias=eos_bias if timed else None):
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece is None:
+                continue
+            last = time.perf_counter()
+            count += 1
+            text.append(piece)
+            if count == 1:
+                first = last
+        positions = llm.n_tokens - max(count - 1, 0)  # the prompt (image rows included) and the first token
+        return "".join(text), {
+            "ttft_ms": (first - started) * 1e3, "prefill_tokens": positions,
+            "prefill_tokens_per_s": None, "decode_tokens": count,
+            "decode_tokens_per_s": (count - 1) / (last - first) if count > 1 and last > first else None,
+            "image_encode_ms": None}
+
+    run(spec["warmup"]["image"], spec["warmup"]["question"], n)
+    runs = [run(p["image"], p["question"], n)[1] for p in spec["prompts"]]
+    correct = [exact_match_text(run(item["image"], item["question"], 8, timed=False)[0]) == exact_match_text(item["answer"])
+               for item in spec.get("accuracy", [])]
+    llm.close()
+    return {"load_s": load_s, "runs": runs, "cached": [], "correct": correct}
+
+
+RUNNERS = {"vlm": _timed_vlm, "raw": _timed_raw, "mtmd": _timed_mtmd}
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_path, result_path = argv if argv is not None else sys.argv[1:]
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        result = RUNNERS[spec["runner"]](spec)
+    except Exception as err:  # reported as the contender's error; the run goes on with the others
+        Path(result_path).write_text(json.dumps({"error": f"{type(err).__name__}: {err}"[:300]}))
+        raise
+    result["peak_rss_mb"] = peak_rss_bytes() / 2**20
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -55,7 +55,6 @@ class PresetRecipe:
     stages: tuple[StagePlan, ...]
     eval_split: str = "test"
     eval_batch_size: int = 64
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 _SHAPES_TUNE = {"recipe": "custom", "tune_llm": "full", "tune_vision": "frozen", "tune_connector": "full"}

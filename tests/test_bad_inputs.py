@@ -45,13 +45,11 @@ EXACT = {"device": "cpu", "n_threads": 1, "kv_type": "f32", "flash_attn": "off"}
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     from tinyllava_edge.data.shapes import write_dataset
-    from tinyllava_edge.export import export_bundle
-    from tinyllava_edge.testing.checkpoints import build_miniature
+    from tinyllava_edge.testing.checkpoints import build_miniature_bundle
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bad_inputs")
-    ckpt = build_miniature(MINIATURE, root / "ckpt")
-    export_bundle(ckpt, root / "bundle", fmt="gguf", bits=32, verify=False, progress=False)
+    ckpt, _ = build_miniature_bundle(MINIATURE, root)
     write_dataset(root / "data", n_train=2, n_val=1, n_test=1, image_size=32)
     with tinyllava_edge.load(root / "bundle", **EXACT) as vlm:
         yield {"root": root, "ckpt": ckpt, "bundle": root / "bundle", "data": root / "data", "vlm": vlm}

@@ -60,13 +60,11 @@ def same_text(text: str) -> str:
 def variants_dir(tmp_path_factory):
     import torch
 
-    from tinyllava_edge.export import export_bundle
-    from tinyllava_edge.testing.checkpoints import build_miniature
+    from tinyllava_edge.testing.checkpoints import build_miniature_bundle
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("demo") / "variants"
-    ckpt = build_miniature(MINIATURE, root / "ckpt")
-    export_bundle(ckpt, root / "bundle", fmt="gguf", bits=32, verify=False, progress=False)
+    ckpt, _ = build_miniature_bundle(MINIATURE, root)
     return root
 
 

@@ -48,12 +48,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 def built(tmp_path_factory):
     from tinyllava_edge.data.shapes import write_dataset
     from tinyllava_edge.export import export_bundle
-    from tinyllava_edge.testing.checkpoints import build_miniature
+    from tinyllava_edge.testing.checkpoints import build_miniature_bundle
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("reliability")
-    ckpt = build_miniature(MINIATURE, root / "ckpt")
-    export_bundle(ckpt, root / "bundle", fmt="gguf", bits=32, verify=False, progress=False)
+    ckpt, _ = build_miniature_bundle(MINIATURE, root)
     write_dataset(root / "data", n_train=8, n_val=1, n_test=1, image_size=32)
     return {"root": root, "ckpt": ckpt, "bundle": root / "bundle", "data": root / "data"}
 

@@ -51,13 +51,11 @@ def _threads(one_thread):
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    from tinyllava_edge.export import export_bundle
-    from tinyllava_edge.testing.checkpoints import build_miniature
+    from tinyllava_edge.testing.checkpoints import build_miniature_bundle
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("runtime")
-    ckpt = build_miniature(MINIATURE, root / "ckpt")
-    export_bundle(ckpt, root / "bundle", fmt="gguf", bits=32, verify=False, progress=False)
+    ckpt, _ = build_miniature_bundle(MINIATURE, root)
     return {"root": root, "ckpt": ckpt, "bundle": root / "bundle"}
 
 

@@ -53,14 +53,12 @@ def _threads(one_thread):
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     from PIL import Image
-    from tinyllava_edge.export import export_bundle
 
-    from tinyllava_edge.testing.checkpoints import build_miniature
+    from tinyllava_edge.testing.checkpoints import build_miniature_bundle
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("runtime-show")
-    ckpt = build_miniature(MINIATURE, root / "ckpt")
-    export_bundle(ckpt, root / "bundle", fmt="gguf", bits=32, verify=False, progress=False)
+    ckpt, _ = build_miniature_bundle(MINIATURE, root)
     png = root / "picture.png"
     Image.fromarray(synthetic_images(1, seed=3)[0]).save(png)
     return {"root": root, "ckpt": ckpt, "bundle": root / "bundle", "png": png}

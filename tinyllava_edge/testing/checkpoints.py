@@ -290,3 +290,16 @@ def _hf_llava(config: TinyLlavaConfig, state: dict[str, torch.Tensor], image_tok
         "pad_token_id": config.pad_token_id,
     }
     return raw, tensors
+
+
+def build_miniature_bundle(name: str, out_dir: str | Path, bits: int = 32) -> tuple[Path, Path]:
+    """A miniature checkpoint in `out_dir/ckpt` and its edge bundle in `out_dir/bundle` (export checks off).
+
+    The runtime, demo and reliability tests share it: fast, and exact at 32 bits.
+    """
+    from ..export import export_bundle
+
+    out = Path(out_dir)
+    ckpt = build_miniature(name, out / "ckpt")
+    export_bundle(ckpt, out / "bundle", fmt="gguf", bits=bits, verify=False, progress=False)
+    return ckpt, out / "bundle"

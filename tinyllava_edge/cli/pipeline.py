@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,6 +137,9 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before torch loads OpenMP, as tinyllava-train does: spinning threads are many times slower
+    # on a busy machine (cli/train.py has the figures).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         summary = run(args)
     except USER_ERRORS as err:

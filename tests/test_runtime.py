@@ -564,3 +564,11 @@ def test_eval_runs_a_bundle(paths, reference):
                             flash_attn="off")
     torch_answers = TorchPredictor(paths["ckpt"], batch_size=1, max_new_tokens=4).predict(requests)
     assert edge.predict(requests) == torch_answers
+
+
+def test_flash_attention_is_off_by_default_on_the_cpu(paths):
+    # measured: "auto" turns it on and decodes ~17 % slower on a CPU (runtime/edge.py)
+    with tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1) as vlm:
+        assert vlm.backend.info()["flash_attn"] == "off"
+    with tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1, flash_attn="auto") as vlm:
+        assert vlm.backend.info()["flash_attn"] == "auto"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.llamacpp import LlamaCppModel, split_segments
+from tinyllava_edge.llamacpp import LlamaCppModel, LlamaCppTokenizer, split_segments
 
 # Questions asked about the synthetic images, cycled.
 QUESTIONS = (
@@ -173,27 +173,6 @@ def tokenizer_parity(tokenizer, llm: LlamaCppModel, template) -> dict:
 
 def _text_after_special(text: str, specials: Sequence[str]) -> bool:
     return any(s in text and any(part for part in text.split(s)[1:]) for s in specials)
-
-
-class LlamaCppTokenizer:
-    """What `Template.encode` needs of a tokenizer, from llama.cpp (as the edge runtime will have).
-
-    `reference` (the transformers tokenizer) only lends the pad id and `legacy` flag, which
-    eval-mode encoding does not read.
-    """
-
-    def __init__(self, llm: LlamaCppModel, reference=None):
-        self.llm = llm
-        self.bos_token_id = llm.bos_id if llm.add_bos else None
-        self.eos_token_id = llm.eos_id
-        self.pad_token_id = getattr(reference, "pad_token_id", None)
-        self.model_max_length = getattr(reference, "model_max_length", 1 << 30)
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": self.llm.tokenize(text, add_special=True, parse_special=True)}
-
-    def encode(self, text: str) -> list[int]:
-        return self.llm.tokenize(text, add_special=True, parse_special=True)
 
 
 # -- input-embedding scale --------------------------------------------------------------------------

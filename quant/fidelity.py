@@ -37,7 +37,8 @@ def compare_llm_files(manifest: dict, bundle_dir: Path, ref_path: Path, cand_pat
 
     from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
     from tinyllava_edge.data.template import Template
-    from tinyllava_edge.export.checks import LlamaCppTokenizer, image_prompt, synthetic_images
+    from tinyllava_edge.export.checks import image_prompt, synthetic_images
+    from tinyllava_edge.llamacpp import LlamaCppTokenizer
     from tinyllava_edge.export.manifest import files_by_role
     from tinyllava_edge.llamacpp import LlamaCppModel, split_segments
 

@@ -34,11 +34,8 @@ torch = pytest.importorskip("torch")
 
 from tinyllava_edge.export import PRECISIONS, export_bundle, read_manifest  # noqa: E402
 from tinyllava_edge.export import bundle as bundle_module  # noqa: E402
-from tinyllava_edge.export.checks import (  # noqa: E402
-    LlamaCppTokenizer,
-    image_prompt,
-    synthetic_images,
-)
+from tinyllava_edge.export.checks import image_prompt, synthetic_images  # noqa: E402
+from tinyllava_edge.llamacpp import LlamaCppTokenizer  # noqa: E402
 
 from tinyllava_edge.cli.export import main as export_main  # noqa: E402
 from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess  # noqa: E402

@@ -406,3 +406,24 @@ def split_segments(input_ids: Sequence[int], images: Sequence[np.ndarray], image
     if text:
         segments.append(text)
     return segments
+
+
+class LlamaCppTokenizer:
+    """What `Template.encode` needs of a tokenizer, from llama.cpp (the edge runtime's and the export checks').
+
+    `reference` (the transformers tokenizer) only lends the pad id and `legacy` flag, which
+    eval-mode encoding does not read.
+    """
+
+    def __init__(self, llm: "LlamaCppModel", reference=None):
+        self.llm = llm
+        self.bos_token_id = llm.bos_id if llm.add_bos else None
+        self.eos_token_id = llm.eos_id
+        self.pad_token_id = getattr(reference, "pad_token_id", None)
+        self.model_max_length = getattr(reference, "model_max_length", 1 << 30)
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": self.llm.tokenize(text, add_special=True, parse_special=True)}
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text, add_special=True, parse_special=True)

@@ -25,9 +25,8 @@ import numpy as np
 from ..data.preprocess import PreprocessConfig
 from ..data.template import Template, get_template
 from ..errors import TinyLlavaError
-from ..export.checks import LlamaCppTokenizer
 from ..export.manifest import files_by_role, read_manifest
-from ..llamacpp import FLASH_ATTN, KV_TYPES, LlamaCppModel
+from ..llamacpp import FLASH_ATTN, KV_TYPES, LlamaCppModel, LlamaCppTokenizer
 from .backend import check_options, check_segments, stop_token_ids
 from .devices import TENSORRT_EP, detect, plan_device
 

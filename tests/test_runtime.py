@@ -222,7 +222,10 @@ def test_chat_turn_decodes_only_new_tokens(edge, images):
     other.ask(images[0], "What is it?")
     edge.generate(None, "Something else.", max_new_tokens=3)
     answer, stats = other.ask(None, "And the colour?", return_stats=True)
-    assert answer == answer2 and edge.last_tokens == tokens2 and stats.prefill_tokens == positions(full)
+    assert answer == answer2 and edge.last_tokens == tokens2
+    # ... from position 0, the system prompt and the image coming from the saved prefix state
+    assert stats.prefill_tokens + stats.prefix_reused == positions(full)
+    assert stats.prefix_reused >= backend.image_tokens
 
 
 def test_chat_context_policies(paths, images):
@@ -274,6 +277,61 @@ def test_image_cache_skips_the_encoder(paths, images, tmp_path):
     assert cache.get("a") is None and cache.get("b") is not None and len(cache) == 1
 
 
+def test_prefix_reuse_answers_as_a_fresh_prefill(paths, images):
+    """The edge backend keeps the cached prefix of a new prompt (same system prompt + image), or
+    restores the state saved after it, and decodes only the rest: same tokens as without reuse."""
+    settings = {"max_new_tokens": 10, "temperature": 1.0, "seed": 4}
+    calls = [(images[0], "What is it?"), (images[0], "What colour is it?"), (images[1], "What is it?"),
+             (images[0], "Which shape?"), (None, "Hi"), (images[0], "What is it?")]
+    with tinyllava_edge.load(paths["bundle"], **EXACT) as cached, \
+            tinyllava_edge.load(paths["bundle"], prefix_cache_mb=0, **EXACT) as plain:
+        rows = cached.backend.image_tokens
+        reused = []
+        for image, question in calls:
+            text, stats = cached.generate(image, question, return_stats=True, **settings)
+            tokens = list(cached.last_tokens)
+            plain_text, plain_stats = plain.generate(image, question, return_stats=True, **settings)
+            assert (text, tokens) == (plain_text, plain.last_tokens)
+            assert plain_stats.prefix_reused == 0
+            assert stats.prefill_tokens + stats.prefix_reused == plain_stats.prefill_tokens
+            reused.append(stats.prefix_reused)
+        # 2: the cache holds the same image's prompt; 4: restored from the state saved in call 1
+        # (call 3 used another image); 5: no image, the system prompt only; 6: call 1's prompt
+        # whole but its last position, or its saved state
+        assert reused[0] == 0 and reused[1] > rows and reused[3] > rows and 0 < reused[4] <= reused[3] - rows
+        assert reused[5] == plain_stats.prefill_tokens - 1 or reused[5] > rows
+        assert len(cached.backend.llm.prefix_store) == 2  # one state per image prompt
+        # the prompt logits, through both backends' segment path
+        messages = [{"from": "human", "value": "<image>\n" + "Shape?"}]
+        prompt = cached.prompt_segments(messages, cached.encode_images([images[1]]))
+        cached.backend.reset()
+        plain.backend.reset()
+        a, b = cached.backend.feed(prompt), plain.backend.feed(prompt)
+        assert cached.backend.last_reused > rows
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+        assert "cached)" in stats.line()
+    with pytest.raises(TinyLlavaError, match="prefix_cache_mb must be a number >= 0") as excinfo:
+        tinyllava_edge.load(paths["bundle"], prefix_cache_mb=-1, **EXACT)
+    _one_sentence(excinfo)
+
+
+def test_prefix_store_is_bounded_lru():
+    from tinyllava_edge.llamacpp import PrefixStore
+
+    store = PrefixStore(25)
+    for key in (b"a", b"b"):
+        store.put(key, bytes(10))
+    assert store.get(b"a") is not None  # a is now the most recent
+    store.put(b"c", bytes(10))  # 30 > 25: the least recent (b) goes
+    assert b"b" not in store and b"a" in store and b"c" in store and store.bytes == 20
+    store.put(b"big", bytes(26))  # larger than the whole store: not kept
+    assert b"big" not in store and len(store) == 2
+    assert PrefixStore(0).capacity == 0
+    off = PrefixStore(0)
+    off.put(b"a", bytes(1))
+    assert len(off) == 0
+
+
 def test_generate_batch_encodes_images_together(edge, images):
     requests = [(images[0], "What is it?"), (None, "Hello?"), (images[1], "Colour?"), (images[0], "Shape?")]
     edge.image_cache.clear()
@@ -296,7 +354,7 @@ def test_stats(edge, images):
     for key in ("image_encode_ms", "ttft_ms", "prefill_tokens", "prefill_tokens_per_s", "decode_tokens",
                 "decode_tokens_per_s", "peak_rss_mb", "finish_reason", "context_used", "n_ctx"):
         assert key in data
-    assert stats.prefill_tokens == stats.context_used - stats.decode_tokens + 1
+    assert stats.prefill_tokens + stats.prefix_reused == stats.context_used - stats.decode_tokens + 1
     assert stats.prefill_tokens > edge.backend.image_tokens and stats.decode_tokens == 8
     assert stats.ttft_ms > 0 and stats.prefill_tokens_per_s > 0 and stats.decode_tokens_per_s > 0
     assert stats.peak_rss_mb > 10 and stats.finish_reason == "length"

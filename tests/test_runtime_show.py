@@ -125,6 +125,8 @@ def _greedy_from_scratch(backend, segments, max_new: int) -> list[int]:
                          ids=["greedy", "seeded"])
 def test_three_turn_chat_equals_from_scratch(edge, images, monkeypatch, settings):
     backend = edge.backend
+    backend.llm.clear()  # nothing of an earlier prompt to reuse: turn 1 is prefilled whole
+    backend.llm.prefix_store.clear()
     counter = _Counter(backend.llm, monkeypatch)
     eos = backend.llm.eos_id
     next_tokenizer = backend.prompt_tokenizer(False)

@@ -22,8 +22,9 @@ llama-cpp-python's printing logger process-wide.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -105,13 +106,14 @@ class LlamaCppModel:
     `n_threads` CPU threads (default: up to 4); `n_gpu_layers` layers offloaded where llama.cpp
     was built with a GPU backend; `kv_type` "f16" (llama.cpp's default) or "f32"; `flash_attn`
     "auto" | "on" | "off" ("off" for exact comparisons); `vocab_only` loads the tokenizer alone
-    (no context: tokenize/detokenize only).
+    (no context: tokenize/detokenize only); `prefix_cache_bytes` > 0 keeps the KV state of
+    prompts up to each image's end (`prefill(..., reuse=True)`, `PrefixStore`).
     Raises TinyLlavaError, with llama.cpp's last log line, for a file llama.cpp refuses.
     """
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: str = "auto",
-                 n_batch: int = DEFAULT_N_BATCH, vocab_only: bool = False):
+                 n_batch: int = DEFAULT_N_BATCH, vocab_only: bool = False, prefix_cache_bytes: int = 0):
         self._model = None
         self._ctx = None
         import llama_cpp
@@ -143,6 +145,11 @@ class LlamaCppModel:
         self.n_past = 0
         self.n_ctx = 0
         self.n_batch = 0
+        # What the KV cache holds, one key per position (a token id, or (image digest, row)); kept
+        # only by the callers that reuse prefixes (prefill(reuse=True)), reset by clear().
+        self._keys: list = []
+        self.prefix_store = PrefixStore(prefix_cache_bytes)
+        self.last_reused = 0  # positions the last prefill took from the cache instead of decoding
         if vocab_only:
             return
         ctx_params = llama_cpp.llama_context_default_params()
@@ -289,6 +296,19 @@ class LlamaCppModel:
         """Empty the KV cache: the next decode starts at position 0."""
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._need_ctx()), True)
         self.n_past = 0
+        self._keys.clear()
+
+    def _truncate(self, n_keep: int) -> None:
+        """Drop every cached position from `n_keep` on."""
+        if n_keep == 0:
+            self.clear()
+            return
+        memory = self._lib.llama_get_memory(self._need_ctx())
+        if not self._lib.llama_memory_seq_rm(memory, 0, n_keep, -1):
+            self.clear()  # llama.cpp could not cut this cache (a recurrent model): start over
+            return
+        self.n_past = n_keep
+        del self._keys[n_keep:]
 
     def decode_tokens(self, ids: Sequence[int]) -> np.ndarray:
         """Append token ids at the current position; returns the last position's logits (n_vocab,)."""
@@ -299,7 +319,9 @@ class LlamaCppModel:
         if bad:
             raise TinyLlavaError(f"token id {bad[0]} is outside the vocabulary of {self.path.name} "
                                  f"(0..{self.n_vocab - 1})")
-        return self._decode(len(ids), lambda batch, start, n: _fill_tokens(batch, ids[start:start + n]), embd=0)
+        logits = self._decode(len(ids), lambda batch, start, n: _fill_tokens(batch, ids[start:start + n]), embd=0)
+        self._keys.extend(ids)
+        return logits
 
     def decode_embeddings(self, rows: np.ndarray) -> np.ndarray:
         """Append input-embedding rows (n, n_embd) at the current position; returns the last logits."""
@@ -307,8 +329,10 @@ class LlamaCppModel:
         if rows.ndim != 2 or rows.shape[1] != self.n_embd or len(rows) == 0:
             raise TinyLlavaError(f"embeddings for {self.path.name} must have shape (n, {self.n_embd}) with n >= 1; "
                                  f"got {rows.shape}")
-        return self._decode(len(rows), lambda batch, start, n: _fill_embd(batch, rows[start:start + n]),
-                            embd=self.n_embd)
+        logits = self._decode(len(rows), lambda batch, start, n: _fill_embd(batch, rows[start:start + n]),
+                              embd=self.n_embd)
+        self._keys.extend(_row_keys(rows))
+        return logits
 
     def _decode(self, total: int, fill, embd: int) -> np.ndarray:
         ctx = self._need_ctx()
@@ -344,19 +368,74 @@ class LlamaCppModel:
             raise TinyLlavaError("llama.cpp holds no logits yet; decode something first")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def prefill(self, segments: Iterable) -> np.ndarray:
-        """Clear the cache and decode `segments` (token-id lists and (n, n_embd) arrays) in order;
-        returns the last position's logits."""
-        self.clear()
+    def prefill(self, segments: Iterable, reuse: bool = False) -> np.ndarray:
+        """Decode `segments` (token-id lists and (n, n_embd) arrays) from position 0; returns the
+        last position's logits.
+
+        Without `reuse` the cache is emptied first. With it, the positions the cache already holds
+        for the same prompt prefix are kept (the longest common prefix, as llama.cpp's server does),
+        or, when longer, a prefix ending after an image is restored from `prefix_store`; only the
+        rest is decoded (`last_reused` says how many positions were not). The last position is
+        always decoded, for its logits.
+        """
+        segments = [s if isinstance(s, np.ndarray) and s.dtype.kind == "f" else [int(i) for i in s]
+                    for s in segments if len(s)]
+        if not segments:
+            raise TinyLlavaError("a prompt needs at least one token or embedding row")
+        self.last_reused = 0
+        if not reuse:
+            self.clear()
+            return self._decode_segments(segments, store=False)
+        keys, boundaries = _prompt_keys(segments)
+        n_keep = _common_prefix(self._keys, keys, len(keys) - 1)
+        restored = False
+        for end, digest in reversed(boundaries):  # the longest stored image prefix beats a shorter match
+            if end <= n_keep or end >= len(keys):
+                continue
+            state = self.prefix_store.get(digest)
+            if state is not None and self._restore(state, keys[:end]):
+                n_keep, restored = end, True
+                break
+        if not restored:
+            self._truncate(min(n_keep, len(self._keys)))  # a refused restore has emptied the cache
+            n_keep = self.n_past
+        self.last_reused = n_keep
+        logits = self._decode_segments(_skip_positions(segments, n_keep), store=self.prefix_store.capacity > 0,
+                                       boundaries=dict(boundaries))
+        self._keys = keys  # the whole prompt's keys (a cut image segment hashed on its own otherwise)
+        return logits
+
+    def _decode_segments(self, segments: list, store: bool, boundaries: dict | None = None) -> np.ndarray:
         logits = None
         for segment in segments:
-            if isinstance(segment, np.ndarray) and segment.dtype.kind == "f":
+            if isinstance(segment, np.ndarray):
                 logits = self.decode_embeddings(segment)
-            elif len(segment):
+                digest = (boundaries or {}).get(self.n_past)
+                if store and digest is not None and digest not in self.prefix_store:
+                    self.prefix_store.put(digest, self._save())
+            else:
                 logits = self.decode_tokens(segment)
-        if logits is None:
-            raise TinyLlavaError("a prompt needs at least one token or embedding row")
         return logits
+
+    def _save(self) -> bytes:
+        """The KV state of sequence 0 (what llama_state_seq_set_data takes back)."""
+        ctx = self._need_ctx()
+        size = int(self._lib.llama_state_seq_get_size(ctx, 0))
+        buf = (ctypes.c_ubyte * size)()
+        written = int(self._lib.llama_state_seq_get_data(ctx, buf, size, 0))
+        return bytes(buf[:written])
+
+    def _restore(self, state: bytes, keys: list) -> bool:
+        """Replace the cache with a saved state of the positions `keys`; False if llama.cpp refuses."""
+        ctx = self._need_ctx()
+        self.clear()
+        buf = (ctypes.c_ubyte * len(state)).from_buffer_copy(state)
+        if not int(self._lib.llama_state_seq_set_data(ctx, buf, len(state), 0)):
+            self.clear()
+            return False
+        self.n_past = len(keys)
+        self._keys = list(keys)
+        return True
 
     def generate(self, segments: Iterable, max_new_tokens: int, stop_ids: Iterable[int] | None = None,
                  return_logits: bool = False):
@@ -373,6 +452,90 @@ class LlamaCppModel:
                 break
             logits = self.decode_tokens([token])
         return (out, first) if return_logits else out
+
+
+class PrefixStore:
+    """KV states of prompt prefixes that end after an image, least recently used dropped first.
+
+    Keyed by a digest of the prefix (its token ids and image rows, `_prompt_keys`); holds at most
+    `capacity` bytes (0: nothing). A state is what llama.cpp saves for one sequence: the prefix's
+    K and V at the context's cache type (Qwen2-0.5B, F16: ~12 KiB per position).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = max(0, int(capacity))
+        self._states: OrderedDict[bytes, bytes] = OrderedDict()
+        self.bytes = 0
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, digest: bytes) -> bytes | None:
+        state = self._states.get(digest)
+        if state is not None:
+            self._states.move_to_end(digest)
+        return state
+
+    def put(self, digest: bytes, state: bytes) -> None:
+        if len(state) > self.capacity:
+            return
+        old = self._states.pop(digest, None)
+        self.bytes -= len(old) if old is not None else 0
+        self._states[digest] = state
+        self.bytes += len(state)
+        while self.bytes > self.capacity:
+            _, dropped = self._states.popitem(last=False)
+            self.bytes -= len(dropped)
+
+    def clear(self) -> None:
+        self._states.clear()
+        self.bytes = 0
+
+
+def _row_keys(rows: np.ndarray) -> list:
+    digest = hashlib.blake2b(np.ascontiguousarray(rows, np.float32).tobytes(), digest_size=16).digest()
+    return [(digest, i) for i in range(len(rows))]
+
+
+def _prompt_keys(segments: list) -> tuple[list, list[tuple[int, bytes]]]:
+    """Per-position keys of a prompt, and (end position, digest of the prompt up to there) after
+    each image segment."""
+    keys: list = []
+    boundaries = []
+    running = hashlib.blake2b(digest_size=16)
+    for segment in segments:
+        if isinstance(segment, np.ndarray):
+            keys.extend(_row_keys(segment))
+            running.update(b"E" + np.ascontiguousarray(segment, np.float32).tobytes())
+            boundaries.append((len(keys), running.copy().digest()))
+        else:
+            keys.extend(segment)
+            running.update(b"T" + np.asarray(segment, dtype=np.int64).tobytes())
+    return keys, boundaries
+
+
+def _common_prefix(a: Sequence, b: Sequence, limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
+def _skip_positions(segments: list, n: int) -> list:
+    """`segments` without their first `n` positions."""
+    out = []
+    for segment in segments:
+        if n >= len(segment):
+            n -= len(segment)
+            continue
+        out.append(segment[n:])
+        n = 0
+    return out
 
 
 def _fill_tokens(batch, ids: Sequence[int]) -> None:

@@ -31,7 +31,10 @@ from .backend import check_options, check_segments, stop_token_ids
 from .devices import TENSORRT_EP, detect, plan_device
 
 OPTIONS = ("n_threads", "n_ctx", "n_gpu_layers", "kv_type", "flash_attn", "vision", "check_hashes", "template",
-           "probes")
+           "prefix_cache_mb", "probes")
+# KV states of prompts up to an image's end kept for reuse (llamacpp.PrefixStore): at Qwen2-0.5B
+# dims an image prompt's state is ~9 MiB, so this holds a dozen images.
+DEFAULT_PREFIX_CACHE_MB = 128
 # The least room a context must leave beyond one image's rows: a short question and answer.
 _PROMPT_ROOM = 64
 
@@ -91,7 +94,11 @@ class EdgeBackend:
     the vision graph to run (default: the manifest's `vision_default`, which
     quantized bundles set, else "fp32"; "fp16", "int8", "int4" where the bundle has them); `check_hashes`
     (default True: every file's sha256 against the manifest); `template` a chat template name
-    instead of the manifest's; `probes` (tests: simulated hardware).
+    instead of the manifest's; `prefix_cache_mb` (default 128; 0 turns prefix reuse off) the
+    memory for KV states of prompt prefixes: a new prompt keeps what the cache already holds of
+    its prefix, or gets the state saved after the same system prompt + image, and decodes only the
+    rest (a second question on an image skips the image rows' prefill); `probes` (tests:
+    simulated hardware).
     """
 
     kind = "edge"
@@ -153,13 +160,20 @@ class EdgeBackend:
             raise TinyLlavaError(f"onnxruntime cannot load {vision_file['name']} with {', '.join(self.plan.providers)} "
                                  f"({str(err).splitlines()[0]})") from None
         self.vision_file = vision_file["name"]
+        prefix_mb = options.get("prefix_cache_mb", DEFAULT_PREFIX_CACHE_MB)
+        if isinstance(prefix_mb, bool) or not isinstance(prefix_mb, (int, float)) or prefix_mb < 0:
+            raise TinyLlavaError(f"prefix_cache_mb must be a number >= 0 (0: no prefix reuse), got {prefix_mb!r}")
+        self.prefix_reuse = prefix_mb > 0
         self.llm = LlamaCppModel(llm_path, n_ctx=self.plan.n_ctx, n_threads=self.plan.n_threads,
-                                 n_gpu_layers=self.plan.n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn)
+                                 n_gpu_layers=self.plan.n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
+                                 prefix_cache_bytes=int(prefix_mb * 2**20))
         self.llm_file = llm_file["name"]
         self.kv_type, self.flash_attn = kv_type, flash_attn
         self.n_ctx = self.llm.n_ctx
         self.n_vocab = self.llm.n_vocab
         self.positions_decoded = 0
+        self.last_reused = 0  # positions of the last fresh prompt taken from the cache
+        self._fresh = False  # reset() asked for: the next feed is a whole prompt from position 0
         eos = self.manifest.get("tokenizer", {}).get("eos_token_id")
         eos = self.llm.eos_id if eos is None else eos
         self.stop_ids = stop_token_ids(eos, self.template, self._single_token)
@@ -182,7 +196,7 @@ class EdgeBackend:
 
     @property
     def n_past(self) -> int:
-        return self.llm.n_past
+        return 0 if self._fresh else self.llm.n_past
 
     def prompt_tokenizer(self, first: bool):
         return self._first_tokenizer if first else self._next_tokenizer
@@ -193,10 +207,18 @@ class EdgeBackend:
         return rows * np.float32(self.row_scale) if self.row_scale != 1.0 else rows
 
     def reset(self) -> None:
-        self.llm.clear()
+        # Lazy: the next feed is a whole prompt, which may share a prefix with what the cache holds.
+        self._fresh = True
+        self.last_reused = 0
 
     def feed(self, segments: Sequence) -> np.ndarray:
-        total = check_segments(segments, self.llm.n_past, self.n_ctx, self.n_vocab, self.llm_file)
+        total = check_segments(segments, self.n_past, self.n_ctx, self.n_vocab, self.llm_file)
+        if self._fresh:
+            self._fresh = False
+            logits = self.llm.prefill(segments, reuse=self.prefix_reuse)
+            self.last_reused = self.llm.last_reused
+            self.positions_decoded += total - self.last_reused
+            return logits
         logits = None
         for segment in segments:
             if isinstance(segment, np.ndarray):
@@ -221,6 +243,7 @@ class EdgeBackend:
             "llm": self.llm_file,
             "kv_type": self.kv_type,
             "flash_attn": self.flash_attn,
+            "prefix_cache_mb": self.llm.prefix_store.capacity / 2**20,
             "image_tokens": self.image_tokens,
             "template": self.template.name,
         }

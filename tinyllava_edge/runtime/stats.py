@@ -33,7 +33,8 @@ class GenerationStats:
     the cache; in `generate_batch` a batch's time is shared out over its images);
     `ttft_ms` runs from the call to the first token chosen (encode + prefill + first sample);
     `prefill_tokens` counts the positions evaluated before the first token (image rows included;
-    in a chat turn only the new ones); `decode_tokens` the tokens generated, whose speed is
+    in a chat turn only the new ones; not those `prefix_reused` took from the KV cache, the
+    edge backend's prefix reuse); `decode_tokens` the tokens generated, whose speed is
     measured from the first token to the last; `peak_rss_mb` is the process's peak so far.
     `finish_reason`: "stop" (EOS or a stop string), "length" (max_new_tokens), "context" (the
     KV cache is full) or "cancelled" (a stream closed early).
@@ -43,6 +44,7 @@ class GenerationStats:
     images: int = 0
     image_cache_hits: int = 0
     prefill_tokens: int = 0
+    prefix_reused: int = 0
     prefill_ms: float = 0.0
     ttft_ms: float = 0.0
     decode_tokens: int = 0
@@ -75,6 +77,8 @@ class GenerationStats:
         image = (f"image {self.image_encode_ms:.0f} ms" + (" (cached)" if self.image_cache_hits else "")
                  if self.images else "no image")
         return (f"[{image} | TTFT {self.ttft_ms:.0f} ms | prefill {self.prefill_tokens} tok "
-                f"{speed(self.prefill_tokens_per_s)} tok/s | decode {self.decode_tokens} tok "
+                f"{speed(self.prefill_tokens_per_s)} tok/s"
+                + (f" (+{self.prefix_reused} cached)" if self.prefix_reused else "")
+                + f" | decode {self.decode_tokens} tok "
                 f"{speed(self.decode_tokens_per_s)} tok/s | context {self.context_used}/{self.n_ctx} | "
                 f"peak RSS {self.peak_rss_mb:.0f} MiB | {self.finish_reason}]")

@@ -259,7 +259,8 @@ class VLM:
             backend.reset()
         logits = backend.feed(segments)
         stats.prefill_ms = (time.perf_counter() - t) * 1e3
-        stats.prefill_tokens = positions(segments)
+        stats.prefix_reused = getattr(backend, "last_reused", 0) if fresh else 0
+        stats.prefill_tokens = positions(segments) - stats.prefix_reused
         rng = np.random.default_rng(params.seed)
         text = TextStream(self.template.stop + params.stop)
         detokenizer = backend.detokenizer()

@@ -3,7 +3,8 @@
     python benchmarks/quality.py --model runs/tiny-shapes/model --bundle runs/tiny-shapes/bundle \
         --data runs/tiny-shapes/data [--n 1000] [--work /tmp/quality] [--out docs]
 
-Variants: torch fp32 (the reference) / bnb nf4 / bnb int8 (LLM quantized, tower fp32); GGUF F16,
+Variants: torch fp32 (the reference) / bnb nf4 / bnb int8 (LLM quantized, tower fp32) / GPTQ 4-bit
+(measured in .venv-gptq by benchmarks/quality_gptq.py, merged with `--gptq-json`); GGUF F16,
 Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (vision ONNX fp32); ONNX int8, int4 (RTN), int4-gptq (GGUF
 F16); and the two bundles `--bits 8` / `--bits 4` produce (Q8_0 + their default vision graph,
 Q4_K_M + theirs). Bundles are made with `quantize_bundle` from the 16-bit bundle.
@@ -21,6 +22,7 @@ when the floor is missed: the Q8_0 bundle agrees with fp32 on >= 99 % of greedy 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -128,10 +130,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where the report goes")
     parser.add_argument("--report-only", action="store_true",
                         help="re-read docs/results/quality.json, redo the cheap extras (mmproj, tensor types), rewrite")
+    parser.add_argument("--gptq-json", type=Path,
+                        help="torch GPTQ rows measured by benchmarks/quality_gptq.py in .venv-gptq, merged in")
     args = parser.parse_args()
+    gptq = json.loads(args.gptq_json.read_text()) if args.gptq_json else None
     if args.report_only:
         report = json.loads((args.out / "results" / "quality.json").read_text())
         report.update(extras(args.model, args.bundle, args.data, args.work))
+        if gptq:
+            merge_gptq(report, gptq)
         write_report(report, args.out)
         return 0 if report["floor"]["met"] else 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -201,6 +208,7 @@ def main() -> int:
                         "files": f"{llm['name']} + {vision['name']}", **figures(run, ref, questions)})
 
     q8 = by_name["GGUF Q8_0 + ONNX fp32"]["greedy_token_agreement"]
+    reference_digest = hashlib.sha256(json.dumps(ref["tokens"]).encode()).hexdigest()
     report = {
         "model": str(args.model), "bundle": str(args.bundle), "questions": len(questions),
         "subset": f"{len(questions)} of the {len(json.loads((args.data / 'test.json').read_text()))} test questions, "
@@ -212,8 +220,31 @@ def main() -> int:
         "results": results,
         **extras(args.model, args.bundle, args.data, args.work),
     }
+    if gptq:
+        merge_gptq(report, gptq, reference_digest)
     write_report(report, args.out)
     return 0 if report["floor"]["met"] else 1
+
+
+def merge_gptq(report: dict, gptq: dict, reference_digest: str | None = None) -> None:
+    """Put the GPTQ rows after the other torch rows (replacing earlier ones of the same name), once
+    their reference is checked to be this report's torch fp32 run: same questions, same accuracy
+    per kind and, when this run's tokens are at hand, the same greedy tokens."""
+    fp32 = next(r for r in report["results"] if r["variant"] == "torch fp32")
+    ref = gptq["reference"]
+    same = (gptq["questions"] == report["questions"] and abs(ref["accuracy"] - fp32["accuracy"]) < 1e-9
+            and all(abs(ref["per_kind"][k] - v) < 1e-9 for k, v in fp32["per_kind"].items())
+            and (reference_digest is None or ref["tokens_sha256"] == reference_digest))
+    if not same:
+        raise SystemExit(f"{gptq['model']}: the GPTQ rows were measured against another torch fp32 run "
+                         f"({ref['accuracy']:.1f} % on {gptq['questions']} questions; this report's: "
+                         f"{fp32['accuracy']:.1f} % on {report['questions']}); rerun benchmarks/quality_gptq.py "
+                         "with the same --model, --data and --n")
+    names = {r["variant"] for r in gptq["results"]}
+    rows = [r for r in report["results"] if r["variant"] not in names]
+    last_torch = max(i for i, r in enumerate(rows) if r["variant"].startswith("torch "))
+    report["results"] = rows[:last_torch + 1] + gptq["results"] + rows[last_torch + 1:]
+    report["gptq"] = {k: gptq[k] for k in ("model", "questions", "settings", "reference", "machine")}
 
 
 def extras(model_dir: Path, bundle: Path, data: Path, work: Path) -> dict:
@@ -255,6 +286,25 @@ def _accuracy(results: list[dict], variant: str) -> float:
 
 def _drop(results: list[dict], variant: str) -> float:
     return _accuracy(results, "torch fp32") - _accuracy(results, variant)
+
+
+def _gptq_note(results: list[dict]) -> str:
+    rows = [r for r in results if "gptq" in r]
+    if not rows:
+        return ("* torch GPTQ is measured in its own environment (GPTQModel pulls a CUDA torch into this one): run "
+                "`benchmarks/quality_gptq.py` in .venv-gptq (scripts/setup-gptq.sh) and pass its JSON as --gptq-json.")
+    g = rows[0]["gptq"]
+    calib = g["calibration"]
+    fid = "; ".join(f"g{q['group_size']}: quantized in {q['quantize_seconds']:.0f} s, logits rel diff "
+                    f"{q['fidelity']['gptq']['logits_rel_l2']:.2%} vs fp32 on {q['fidelity']['samples']} held-out "
+                    f"samples (round-to-nearest on the same grid {q['fidelity']['rtn']['logits_rel_l2']:.2%})"
+                    for q in (r["gptq"] for r in rows) if q.get("fidelity"))
+    return (f"* torch GPTQ: GPTQModel {g['gptqmodel']} on CPU in .venv-gptq (`tinyllava-quantize --torch gptq`, "
+            f"measured by `benchmarks/quality_gptq.py`), {g['quantized_linears']} LLM linears at {g['bits']} bits, "
+            f"symmetric, calibrated on {calib['samples']} instruct.json conversations with their images "
+            f"({calib['tokens']} tokens, {calib['image_rows']} of them image rows); embeddings, lm_head, tower and "
+            f"connector stay fp32. {fid}. Run with GPTQModel's torch fused kernel: torch's int4 CPU matmul "
+            "(`_weight_int4pack_mm_for_cpu`) with bf16 activations.")
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -308,8 +358,7 @@ def write_report(report: dict, out: Path) -> None:
         "Stock llama.cpp accepts the Q8_0 mmproj (gguf-py's numpy Q8_0 on the attention/FFN/projector "
         "matrices; patch and position embeddings kept F16), so 4- and 8-bit bundles carry mmproj-Q8_0.gguf.", "",
         "## Notes", "",
-        "* torch GPTQ (GPTQModel) is not measured: it pulls a CUDA torch build (~6.5 GB) into the environment; "
-        "`quantization=\"gptq\"` raises a sentence saying so. bnb fp4 is offered too (not in the table).",
+        _gptq_note(results), "* bnb fp4 is offered too (not in the table).",
         "* ONNX int4-gptq is onnxruntime's vendored neural-compressor GPTQ (runs on CPU; 64 training images, "
         "block 128, per-channel): worse than RTN here. int8 is `quantize_dynamic` (activations quantized at run "
         f"time), which costs this small tower {_drop(results, 'GGUF F16 + ONNX int8'):.1f} points.",

@@ -192,10 +192,14 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
 def _check_source(source: Path, gguf: bool) -> None:
     from tinyllava_edge.model.checkpoint import detect_layout, read_config_json
     from tinyllava_edge.model.llm import family_for
+    from tinyllava_edge.model.gptq import gptq_llm_dir
     from tinyllava_edge.model.tokenizer import text_model_type
 
     raw = read_config_json(source)
     detect_layout(raw, source)
+    if gptq_llm_dir(source) is not None:
+        raise TinyLlavaError(f"{source} holds a GPTQ-quantized LLM (tinyllava-quantize --torch gptq); export from the "
+                             "unquantized checkpoint (bundles quantize their GGUF with llama.cpp: --bits 4 or 8)")
     family = text_model_type(raw)
     if family is not None:
         family_for(family)

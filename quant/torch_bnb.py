@@ -1,4 +1,4 @@
-"""Quantized PyTorch loading of our checkpoints: bitsandbytes nf4 / fp4 / int8 (and why not GPTQ).
+"""Quantized PyTorch loading of our checkpoints: bitsandbytes nf4 / fp4 / int8 (GPTQ: quant/torch_gptq.py).
 
     model = load_quantized("runs/model", "nf4")                    # LLM linears -> bnb Linear4bit
     model = load_quantized("runs/model", "int8", vision=True)       # tower + connector as well
@@ -14,9 +14,11 @@ memory; :func:`serialized_size` measures what it would take on disk).
 (`llm_int8_skip_modules`): the logits' last projection is where 4-bit rounding costs most.
 bitsandbytes 0.50 runs all three schemes on CPU (DESIGN.md) and on CUDA.
 
-GPTQ (GPTQModel) is not offered in the default environment: it pulls a CUDA torch build
-(~6.5 GB venv, DESIGN.md) and auto-gptq neither quantizes without CUDA nor imports with
-transformers 5. Asking for it raises one sentence saying so.
+GPTQ is registered here too, but it is not applied at load time: it needs calibration data and
+GPTQModel, which lives in its own environment (scripts/setup-gptq.sh). `tinyllava-quantize --torch
+gptq` writes a checkpoint with the LLM GPTQ-quantized (quant/torch_gptq.py), and loading that
+checkpoint gives the GPTQ model (model/gptq.py). Asking to apply it here raises one sentence
+saying so.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.registry import Registry
 
 LLM_SKIP = ("lm_head",)  # kept in full precision (transformers' bnb default)
-GPTQ_REASON = ("GPTQ loading needs GPTQModel, which is not installed in the default environment: it pulls a CUDA "
-               "torch build (~6.5 GB) and auto-gptq cannot quantize without CUDA; use nf4, fp4 or int8 "
-               "(bitsandbytes) or a GGUF bundle")
+GPTQ_REASON = ("GPTQ is not applied at load time: it needs calibration data and GPTQModel (its own environment, "
+               "bash scripts/setup-gptq.sh); make a GPTQ checkpoint once with .venv-gptq/bin/tinyllava-quantize "
+               "--torch gptq --checkpoint CKPT --data DATA --out OUT and load OUT")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ TORCH_SCHEMES: Registry[TorchScheme] = Registry("torch quantization")
 TORCH_SCHEMES.add("nf4", TorchScheme("nf4", 4, "Linear4bit", _linear4bit("nf4")))
 TORCH_SCHEMES.add("fp4", TorchScheme("fp4", 4, "Linear4bit", _linear4bit("fp4")))
 TORCH_SCHEMES.add("int8", TorchScheme("int8", 8, "Linear8bitLt", _linear8bit))
-TORCH_SCHEMES.add("gptq", TorchScheme("gptq", 4, "QuantLinear", None, GPTQ_REASON))
+# GPTQ checkpoints load with GPTQModel's TorchFusedLinear layers (model/gptq.py)
+TORCH_SCHEMES.add("gptq", TorchScheme("gptq", 4, "TorchFusedLinear", None, GPTQ_REASON))
 
 
 def torch_scheme(name: str) -> TorchScheme:
@@ -132,6 +135,11 @@ def load_quantized(checkpoint_dir: str | os.PathLike, scheme: str, *, vision: bo
     int8); `dtype` the compute dtype of the non-quantized parts (default float32)."""
     torch_scheme(scheme)  # gptq / unknown: fail before reading the weights
     from tinyllava_edge.model import TinyLlavaForConditionalGeneration
+    from tinyllava_edge.model.gptq import gptq_llm_dir
+
+    if gptq_llm_dir(checkpoint_dir) is not None:
+        raise TinyLlavaError(f"{checkpoint_dir} holds a GPTQ-quantized LLM already; load it as it is "
+                             f"(without quantization, or with quantization='gptq'), not with {scheme}")
 
     model = TinyLlavaForConditionalGeneration.from_pretrained(checkpoint_dir, dtype=dtype, device="cpu").eval()
     model.quantization = quantize_model(model, scheme, vision=vision, device=device)

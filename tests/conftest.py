@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 # Tests never reach a hub: everything is built on the fly.
@@ -16,9 +17,14 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_cuda = False
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    # GPTQModel lives in .venv-gptq only (scripts/setup-gptq.sh); find_spec does not import it (6 s)
+    has_gptqmodel = importlib.util.find_spec("gptqmodel") is not None
+    skip_gptq = pytest.mark.skip(reason="needs GPTQModel: bash scripts/test-gptq.sh runs these in .venv-gptq")
     for item in items:
         if "cuda" in item.keywords and not has_cuda:
             item.add_marker(skip)
+        if item.get_closest_marker("gptq") is not None and not has_gptqmodel:  # not keywords: "[gptq]" ids
+            item.add_marker(skip_gptq)
 
 
 @pytest.fixture

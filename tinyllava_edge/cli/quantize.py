@@ -1,7 +1,9 @@
 """``tinyllava-quantize``: a 16/32-bit bundle -> a new bundle with a quantized LLM GGUF (llama.cpp's
-quantizer), the mmproj at Q8_0 and optional quantized vision graphs.
+quantizer), the mmproj at Q8_0 and optional quantized vision graphs; or (``--torch gptq``) a
+checkpoint -> a checkpoint whose LLM is GPTQ 4-bit (GPTQModel, CPU; needs .venv-gptq).
 
-A thin layer over :func:`tinyllava_edge.quant.bundle.quantize_bundle`; its defaults are the library's.
+A thin layer over :func:`tinyllava_edge.quant.bundle.quantize_bundle` and
+:func:`tinyllava_edge.quant.torch_gptq.quantize_gptq`; their defaults are the library's.
 """
 
 from __future__ import annotations
@@ -10,34 +12,79 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import TinyLlavaError
 from .common import USER_ERRORS, fail, human_size
 
 GGUF_CHOICES = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")  # quant/gguf.py GGUF_TYPES
 ONNX_CHOICES = ("int8", "int4", "int4-gptq")  # quant/onnx.py ONNX_SCHEMES
+TORCH_CHOICES = ("gptq",)  # written to disk; bnb nf4/fp4/int8 apply at load time (tinyllava_edge.load)
+BUNDLE_ONLY = ("quant", "onnx", "vision_default", "keep_mmproj")
+TORCH_ONLY = ("checkpoint", "data", "group_size", "samples", "seq_len")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinyllava-quantize",
         description="Requantize a bundle's LLM GGUF from its F16/F32 file with llama.cpp's quantizer into a new "
-                    "bundle directory (atomic; manifest updated with types, sizes, sha256 and per-tensor types).",
+                    "bundle directory (atomic; manifest updated with types, sizes, sha256 and per-tensor types); "
+                    "or, with --torch gptq, write a checkpoint whose LLM is GPTQ 4-bit, calibrated on --data "
+                    "(GPTQModel on CPU, in the environment scripts/setup-gptq.sh makes).",
     )
-    parser.add_argument("--bundle", required=True, type=Path, help="source bundle directory (16 or 32 bit)")
-    parser.add_argument("--out", required=True, type=Path, help="bundle directory to create")
+    parser.add_argument("--bundle", type=Path, help="source bundle directory (16 or 32 bit)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="bundle (or, with --torch, checkpoint) directory to create")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--quant", help=f"GGUF type: {', '.join(GGUF_CHOICES)} (default Q4_K_M)")
-    what.add_argument("--bits", type=int, help="8 -> Q8_0, 4 -> Q4_K_M")
+    what.add_argument("--bits", type=int, help="bundle: 8 -> Q8_0, 4 -> Q4_K_M; --torch gptq: 4 (the default)")
     parser.add_argument("--onnx", action="append", default=[], metavar="SCHEME",
                         help=f"add a quantized vision graph ({', '.join(ONNX_CHOICES[:2])}; repeatable)")
     parser.add_argument("--vision-default", help="vision graph the runtime runs by default (fp32, int8, int4, ...)")
     parser.add_argument("--keep-mmproj", action="store_true", help="copy the mmproj as it is (default: Q8_0)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the check against the source LLM")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous bundle at --out")
+    torch = parser.add_argument_group("torch checkpoints (--torch gptq)")
+    torch.add_argument("--torch", choices=TORCH_CHOICES, help="quantize a checkpoint's LLM instead of a bundle")
+    torch.add_argument("--checkpoint", type=Path, help="source checkpoint directory (fp32/bf16, any layout)")
+    torch.add_argument("--data", type=Path, help="calibration data: a data directory (instruct.json, else "
+                                                 "train.json) or a LLaVA JSON file")
+    torch.add_argument("--group-size", type=int, help="GPTQ group size: 128, 64, 32, 16 or -1 (default: the "
+                                                      "largest dividing every LLM input width)")
+    torch.add_argument("--samples", type=int, help="calibration samples (default 128)")
+    torch.add_argument("--seq-len", type=int, help="tokens per calibration sample, image rows included (default 512)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the check against the source")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous bundle (checkpoint) at --out")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
+def _check_mode(args: argparse.Namespace) -> None:
+    """One sentence when the options mix the bundle and the checkpoint modes or lack a source."""
+    def given(names: tuple[str, ...]) -> list[str]:
+        return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, False, [])]
+
+    if args.torch:
+        if args.bundle is not None or given(BUNDLE_ONLY):
+            raise TinyLlavaError(f"--torch {args.torch} quantizes a checkpoint; "
+                                 f"{', '.join((['--bundle'] if args.bundle else []) + given(BUNDLE_ONLY))} "
+                                 "apply to bundles")
+        if args.checkpoint is None or args.data is None:
+            raise TinyLlavaError(f"--torch {args.torch} needs --checkpoint (the source checkpoint) and --data "
+                                 "(calibration data)")
+    else:
+        if given(TORCH_ONLY):
+            raise TinyLlavaError(f"{', '.join(given(TORCH_ONLY))} apply with --torch gptq only")
+        if args.bundle is None:
+            raise TinyLlavaError("give --bundle (requantize a bundle's GGUF) or --torch gptq --checkpoint DIR "
+                                 "--data DIR (GPTQ a checkpoint's LLM)")
+
+
 def run(args: argparse.Namespace) -> dict:
+    _check_mode(args)
+    if args.torch:
+        from ..quant import torch_gptq
+
+        options = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
+                                     ("n_samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
+        return torch_gptq.quantize_gptq(args.checkpoint, args.out, data=args.data, verify=not args.no_verify,
+                                        overwrite=args.overwrite, progress=not args.quiet, **options)
     from ..quant.bundle import quantize_bundle, resolve_quant
 
     return quantize_bundle(args.bundle, args.out, quant=resolve_quant(args.quant, args.bits), onnx=tuple(args.onnx),
@@ -45,7 +92,28 @@ def run(args: argparse.Namespace) -> dict:
                            verify=not args.no_verify, overwrite=args.overwrite, progress=not args.quiet)
 
 
+def gptq_summary_lines(result: dict) -> list[str]:
+    record, out = result["record"], Path(result["path"])
+    calib = record["calibration"]
+    lines = [f"checkpoint {out} (LLM GPTQ {record['bits']}-bit, group {record['group_size']}, "
+             f"{record['quantized_linears']} linears) written in {result['seconds']:.1f} s"]
+    for name, what in (("language_model/model.safetensors", "GPTQ LLM (embeddings and lm_head unquantized)"),
+                       ("model.safetensors", "vision tower + connector, unchanged")):
+        lines.append(f"  {name:34s} {human_size((out / name).stat().st_size):>10s}  {what}")
+    lines.append(f"  calibration: {calib['samples']} samples, {calib['tokens']} tokens ({calib['image_rows']} of them "
+                 f"image rows) from {calib['file']}; GPTQ took {record['quantize_seconds']:.1f} s")
+    fid = record.get("fidelity")
+    if fid:
+        g, r = fid["gptq"], fid["rtn"]
+        lines.append(f"fidelity against the fp32 LLM on {fid['samples']} held-out samples: logits rel diff "
+                     f"{g['logits_rel_l2']:.2%} (round-to-nearest on the same grid {r['logits_rel_l2']:.2%}), top-1 "
+                     f"{g['top1_agreement']:.1f} % (RTN {r['top1_agreement']:.1f} %), KL {g['kl_mean']:.2g}")
+    return lines
+
+
 def summary_lines(result: dict) -> list[str]:
+    if "record" in result:
+        return gptq_summary_lines(result)
     manifest = result["manifest"]
     q = manifest["quantization"]
     lines = [f"bundle {result['path']} ({q['llm']['type']}) written in {result['seconds']:.1f} s"]

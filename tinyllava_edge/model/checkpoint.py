@@ -31,6 +31,7 @@ import torch
 
 from ..errors import CheckpointError
 from .configuration import TinyLlavaConfig
+from .gptq import attach_gptq_llm, gptq_llm_dir
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -422,13 +423,19 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any = None, device: Any = No
     from .modeling import TinyLlavaForConditionalGeneration
 
     ckpt = read_checkpoint(path)
-    with no_init_weights():
-        model = TinyLlavaForConditionalGeneration(ckpt.config)
-    model.tie_weights()  # skipped under no_init_weights; the file holds tied tensors once
-    load_state(model, ckpt.state_dict, ckpt.path)
-    model.checkpoint_layout = ckpt.layout
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    # no_init_weights: torch.empty tensors, so the LLM a GPTQ checkpoint replaces is never filled
+    with no_init_weights():
+        model = TinyLlavaForConditionalGeneration(ckpt.config)
+    model.checkpoint_layout = ckpt.layout
+    model.quantization = None
+    llm_dir = gptq_llm_dir(ckpt.path) if ckpt.layout == "factory" else None
+    if llm_dir is not None:  # the LLM stored GPTQ-quantized (model/gptq.py)
+        model.quantization = attach_gptq_llm(model, ckpt.state_dict, ckpt.path, llm_dir, dtype=dtype, device=device)
+        return model.eval()
+    model.tie_weights()  # skipped under no_init_weights; the file holds tied tensors once
+    load_state(model, ckpt.state_dict, ckpt.path)
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()

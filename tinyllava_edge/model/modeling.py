@@ -254,7 +254,8 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
     # -- checkpoints -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *args: Any, **kwargs: Any) -> "TinyLlavaForConditionalGeneration":
-        """Read a Factory, legacy TinyLLaVABench or HF LLaVA checkpoint directory.
+        """Read a Factory, legacy TinyLLaVABench or HF LLaVA checkpoint directory (a Factory one whose
+        LLM is stored GPTQ-quantized loads it through GPTQModel, on CPU: model/gptq.py).
 
         Keyword options: `dtype` (torch dtype or name), `device`.
         """

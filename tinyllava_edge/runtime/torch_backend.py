@@ -28,7 +28,9 @@ from .devices import JETSON_MARKER
 OPTIONS = ("dtype", "quantization", "quantize_vision", "n_threads", "n_ctx", "template")
 DTYPES = MappingProxyType({"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"})
 # Quantized torch loading comes from the quantization stage (quant/torch_bnb.py: TORCH_SCHEMES,
-# bitsandbytes nf4 / fp4 / int8; gptq is registered there with the reason it is unavailable).
+# bitsandbytes nf4 / fp4 / int8, applied at load time). GPTQ is not applied at load time: a
+# checkpoint written by `tinyllava-quantize --torch gptq` holds its LLM GPTQ-quantized and loads as
+# it is (model/gptq.py, needs GPTQModel: .venv-gptq).
 
 
 def _torch_device(device: str, torch) -> str:
@@ -96,8 +98,9 @@ class TorchBackend:
     """A checkpoint directory on `device` ("auto" | "cpu" | "cuda" | "jetson").
 
     Options: `dtype` "fp32" (default) | "bf16" | "fp16" (the compute dtype); `quantization`
-    "nf4" | "fp4" | "int8" (bitsandbytes, the LLM's linears; "gptq" raises: GPTQModel is not in the
-    default environment) with `quantize_vision` True to quantize tower + connector too;
+    "nf4" | "fp4" | "int8" (bitsandbytes, the LLM's linears) with `quantize_vision` True to quantize
+    tower + connector too; "gptq" only confirms that the checkpoint holds a GPTQ LLM (written by
+    `tinyllava-quantize --torch gptq`; such a checkpoint loads GPTQ without the option, on CPU);
     `n_threads` (sets torch's intra-op threads, process-wide); `n_ctx` (default: the
     checkpoint's `tokenizer_model_max_length`); `template` a chat template name.
     """
@@ -106,12 +109,22 @@ class TorchBackend:
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", **options):
         check_options(self.kind, options, OPTIONS)
-        quantization = options.get("quantization")
-        if quantization is not None:
-            from ..quant.torch_bnb import torch_scheme
+        from ..model.gptq import gptq_llm_dir
 
-            torch_scheme(quantization)  # unknown or unavailable (gptq): one sentence before any loading
-        elif options.get("quantize_vision"):
+        gptq = gptq_llm_dir(path) is not None  # the LLM is stored GPTQ-quantized (model/gptq.py)
+        quantization = options.get("quantization")
+        if quantization == "gptq" and gptq:
+            quantization = None  # what the checkpoint holds: loaded as it is
+        elif quantization is not None:
+            from ..quant.torch_bnb import GPTQ_REASON, torch_scheme
+
+            if quantization == "gptq":
+                raise TinyLlavaError(f"{path} holds no GPTQ LLM; {GPTQ_REASON}")
+            torch_scheme(quantization)  # unknown: one sentence before any loading
+            if gptq:
+                raise TinyLlavaError(f"{path} holds a GPTQ-quantized LLM already; load it without quantization "
+                                     f"(or with quantization='gptq'), not with {quantization!r}")
+        if options.get("quantize_vision") and quantization is None:
             raise TinyLlavaError("quantize_vision needs a quantization (nf4, fp4 or int8)")
         dtype = options.get("dtype", "fp32")
         if dtype not in DTYPES:
@@ -124,6 +137,11 @@ class TorchBackend:
         self.path = Path(path)
         self.model_id = self.path.resolve().name
         self.device = _torch_device(device, torch)
+        if gptq and self.device != "cpu":
+            if device != "auto":
+                raise TinyLlavaError(f"{path} holds a GPTQ LLM, which runs on CPU here (GPTQModel's torch fused "
+                                     f"kernel); device {device!r} was asked for: load it with device='cpu'")
+            self.device = "cpu"
         if options.get("n_threads") is not None:
             if options["n_threads"] < 1:
                 raise TinyLlavaError(f"n_threads must be at least 1, got {options['n_threads']}")
@@ -137,7 +155,7 @@ class TorchBackend:
 
             self.model = load_quantized(self.path, quantization, vision=bool(options.get("quantize_vision")),
                                         device=self.device, dtype=self.dtype)
-        self.quantization = quantization
+        self.quantization = "gptq" if gptq else quantization
         self.tokenizer = load_tokenizer(self.path)
         config = self.model.config
         self.template = get_template(options.get("template") or default_template_for_family(config.llm_family))

@@ -74,6 +74,15 @@ def _extra_bufts_safe() -> bool:
     amx_int8: decoding any quantized file (Q8_0, Q6_K, Q4_K_M, Q4_0) segfaults inside
     llama_decode unless `use_extra_bufts` is off; F16/F32 files are unaffected. So they are off
     where the CPU reports AMX; TINYLLAVA_LLAMA_EXTRA_BUFTS=1 / 0 forces either way.
+
+    The cause: with -march=native ggml compiles its AMX buffer type, which takes every quantized
+    weight; GCC 12.2's `_tile_loadconfig` declares an 8-byte read, so the compiler drops the
+    stores of the tile config's rows/colsb and `ldtilecfg` faults (SIGSEGV, si_code 128, in
+    ggml_backend_amx_mul_mat; the kernel does grant AMX). A build with
+    CMAKE_ARGS="-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS=..."
+    runs with the extra buffer types on (CPU_REPACK only), but gained at most 5-8 % decode on the
+    bench-scale model (whose Q4_K_M is mostly q5_0, with no x86 repack), so the default build
+    stays and this switch stays off.
     """
     forced = os.environ.get("TINYLLAVA_LLAMA_EXTRA_BUFTS")
     if forced in ("0", "1"):

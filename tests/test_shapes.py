@@ -306,23 +306,34 @@ def test_instruct_conversations_hold_every_question_and_the_caption(written):
     singles = Counter((r["image"], r["conversations"][0]["value"].removeprefix("<image>\n"),
                        r["conversations"][1]["value"]) for r in train)
     pairs = Counter()
-    orders = set()
+    extra = Counter()
     for r in instruct:
         assert set(r) == {"id", "image", "conversations", "kinds"}
         turns = r["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * len(r["kinds"])
         assert turns[0]["value"].startswith("<image>\n")
         assert sum(t["value"].count("<image>") for t in turns) == 1
-        assert r["kinds"].count("caption") == 1 and set(r["kinds"]) - {"caption"} <= KINDS
-        orders.add(r["kinds"].index("caption"))
+        # the caption request comes last: no question can be answered from the caption's text
+        assert r["kinds"].count("caption") == 1 and r["kinds"][-1] == "caption"
+        assert set(r["kinds"]) - {"caption", "where"} <= KINDS
+        seen = set()
         for kind, (q, a) in zip(r["kinds"], zip(turns[::2], turns[1::2])):
             question = q["value"].removeprefix("<image>\n")
+            assert (question, a["value"]) not in seen  # no turn asked twice
+            seen.add((question, a["value"]))
             if kind == "caption":
                 assert a["value"] == captions[r["image"]]
-            else:
+            elif kind == "where":
+                extra[kind] += 1
+                colour, shape = question.removeprefix("Where is the ").removesuffix("?").split()
+                assert f"{colour} {shape} at the {a['value']}" in captions[r["image"]]
+            elif (r["image"], question, a["value"]) in singles and not pairs[(r["image"], question, a["value"])]:
                 pairs[(r["image"], question, a["value"])] += 1
-    assert pairs == singles  # every single-turn train question, each once, nothing else
-    assert len(orders) > 1  # the caption request is not always in the same place
+            else:
+                assert kind == "exists" and a["value"] in ("yes", "no")  # the extra existence question
+                extra[kind] += 1
+    assert pairs == singles  # every single-turn train question, each once
+    assert extra["where"] > len(instruct) and extra["exists"] > len(instruct) / 2
 
 
 def test_written_records_match_in_memory_samples(written):

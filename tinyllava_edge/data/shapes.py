@@ -19,9 +19,11 @@ one question-answer pair each):
 Answers come from a closed set of lowercase words (``ANSWERS``), so exact match scores them.
 
 For training, ``instruct.json`` holds one multi-turn conversation per train image: every question
-of the image plus a request for its caption, in a seeded random order (LLaVA's instruction data
-is multi-turn in the same way). One image then serves four to six supervised answers in one
-sequence, which is most of what makes the default model train in minutes on a CPU.
+of the image, plus ``EXTRA_TURNS`` (two "Where is the red circle?" -> "top left" and one more
+existence question), in a seeded random order, then a request for its caption (last, so no
+question can be read off the caption; LLaVA's instruction data is multi-turn in the same way).
+One image then serves six to nine supervised answers in one sequence, which is most of what
+makes the default model train in minutes on a CPU.
 
 Held-out combinations: the (colour, shape) pairs in ``HELD_OUT_PAIRS`` never appear in a train
 image, nor in a train question; val and test images contain them freely, and a quarter of them
@@ -52,7 +54,12 @@ from ..constants import DEFAULT_IMAGE_TOKEN
 from ..errors import DataError
 
 GENERATOR_NAME = "tinyllava_edge.data.shapes"  # written to meta.json; marks our datasets
-GENERATOR_VERSION = 2  # 2: grey background, outlined shapes, instruct.json
+GENERATOR_VERSION = 3  # 2: grey background, outlined shapes, instruct.json; 3: instruct turns (caption last, extra)
+# Training-only turns added to each instruct conversation: "Where is the red circle?" -> "top left"
+# (finding an object by colour and shape, then reading its cell: the skill relative-position and
+# existence questions build on) twice, and one more existence question. The single-turn splits
+# (train.json, val.json, test.json) keep the five benchmark kinds.
+EXTRA_TURNS = ("where", "where", "exists")
 SPLITS = ("train", "val", "test")
 KINDS = ("shape", "colour", "count", "position", "exists")
 
@@ -392,6 +399,15 @@ def _ask_position(rng, objects) -> tuple[str, str] | None:
     return _pick(rng, VERTICAL_TEMPLATES).format(**names), answer
 
 
+def _ask_where(rng, objects) -> tuple[str, str] | None:
+    counts = Counter((o.colour, o.shape) for o in objects)
+    unique = [o for o in objects if counts[(o.colour, o.shape)] == 1]
+    if not unique:
+        return None
+    o = _pick(rng, unique)
+    return f"Where is the {o.colour} {o.shape}?", CELL_NAMES[o.row][o.col]
+
+
 def _ask_exists(rng, objects, split: str) -> tuple[str, str]:
     present = {(o.colour, o.shape) for o in objects}
     if rng.random() < 0.5:
@@ -433,9 +449,21 @@ class _GeneratedImage:
     turns: list[tuple[str, str, str]]
 
 
-def _conversation(rng, questions: list[tuple[str, str, str]], text: str) -> list[tuple[str, str, str]]:
-    turns = [*questions, ("caption", _pick(rng, DESCRIBE_TEMPLATES), text)]
-    return [turns[int(i)] for i in rng.permutation(len(turns))]
+def _conversation(rng, questions: list[tuple[str, str, str]], text: str, objects, split: str
+                  ) -> list[tuple[str, str, str]]:
+    """The instruct turns of one image: its questions plus the EXTRA_TURNS drawn afresh, shuffled,
+    then the caption request. The caption comes last so that no question can be answered by
+    reading the caption back from the text (with it anywhere, half the questions of a
+    conversation were answerable without looking at the image)."""
+    turns = list(questions)
+    ask = {"where": lambda: _ask_where(rng, objects), "exists": lambda: _ask_exists(rng, objects, split)}
+    for kind in EXTRA_TURNS:
+        qa = ask[kind]()
+        if qa is not None and (kind, *qa) not in turns:
+            turns.append((kind, *qa))
+    turns = [turns[int(i)] for i in rng.permutation(len(turns))]
+    return [*turns, ("caption", _pick(rng, DESCRIBE_TEMPLATES), text)]
+
 
 
 def _iter_images(config: ShapesConfig, split: str, n: int) -> Iterator[_GeneratedImage]:
@@ -451,7 +479,7 @@ def _iter_images(config: ShapesConfig, split: str, n: int) -> Iterator[_Generate
             objects=scene.objects,
             caption=text,
             questions=questions,
-            turns=_conversation(rng, questions, text),
+            turns=_conversation(rng, questions, text, scene.objects, split),
         )
 
 

@@ -3,7 +3,7 @@
 `tiny-shapes` is the project's own default: the real architecture (SigLIP-style tower,
 `mlp2x_gelu` connector, Llama-family LLM) at a size that trains on the shapes data on a laptop
 CPU, with the LLM wide enough for GGUF K-quants to apply for real (they need rows that are a
-multiple of 256: hidden 256, FFN 768). Its tower looks at 48-px images in 16-px patches: nine
+multiple of 256: hidden 256, FFN 512). Its tower looks at 48-px images in 16-px patches: nine
 image tokens, one per cell of the shapes grid.
 """
 
@@ -50,7 +50,7 @@ PRESETS: Mapping[str, Preset] = {
         Preset(
             name="tiny-shapes",
             text={
-                "model_type": "llama", "hidden_size": 256, "intermediate_size": 768,
+                "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
                 "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
                 "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
                 "hidden_act": "silu", "tie_word_embeddings": False,

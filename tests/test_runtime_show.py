@@ -93,9 +93,9 @@ class _Counter:
             self.tokens += len(ids)
             return decode_tokens(ids)
 
-        def rows(array):
+        def rows(array, keys=None):
             self.rows += len(array)
-            return decode_embeddings(array)
+            return decode_embeddings(array, keys)
 
         monkeypatch.setattr(llm, "decode_tokens", tokens)
         monkeypatch.setattr(llm, "decode_embeddings", rows)

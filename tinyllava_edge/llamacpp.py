@@ -332,15 +332,16 @@ class LlamaCppModel:
         self._keys.extend(ids)
         return logits
 
-    def decode_embeddings(self, rows: np.ndarray) -> np.ndarray:
-        """Append input-embedding rows (n, n_embd) at the current position; returns the last logits."""
+    def decode_embeddings(self, rows: np.ndarray, keys: list | None = None) -> np.ndarray:
+        """Append input-embedding rows (n, n_embd) at the current position; returns the last logits.
+        `keys`: the rows' cache keys when the caller has them (prefill), else hashed here."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd or len(rows) == 0:
             raise TinyLlavaError(f"embeddings for {self.path.name} must have shape (n, {self.n_embd}) with n >= 1; "
                                  f"got {rows.shape}")
         logits = self._decode(len(rows), lambda batch, start, n: _fill_embd(batch, rows[start:start + n]),
                               embd=self.n_embd)
-        self._keys.extend(_row_keys(rows))
+        self._keys.extend(_row_keys(rows) if keys is None else keys)
         return logits
 
     def _decode(self, total: int, fill, embd: int) -> np.ndarray:
@@ -409,16 +410,18 @@ class LlamaCppModel:
             self._truncate(min(n_keep, len(self._keys)))  # a refused restore has emptied the cache
             n_keep = self.n_past
         self.last_reused = n_keep
-        logits = self._decode_segments(_skip_positions(segments, n_keep), store=self.prefix_store.capacity > 0,
-                                       boundaries=dict(boundaries))
-        self._keys = keys  # the whole prompt's keys (a cut image segment hashed on its own otherwise)
-        return logits
+        return self._decode_segments(_skip_positions(segments, n_keep), store=self.prefix_store.capacity > 0,
+                                     boundaries=dict(boundaries), keys=keys)
 
-    def _decode_segments(self, segments: list, store: bool, boundaries: dict | None = None) -> np.ndarray:
+    def _decode_segments(self, segments: list, store: bool, boundaries: dict | None = None,
+                         keys: list | None = None) -> np.ndarray:
+        """Decode segments at the current position; `keys` (the whole prompt's, from position 0)
+        spare hashing image rows again, and keep a cut image segment keyed as the whole one."""
         logits = None
         for segment in segments:
             if isinstance(segment, np.ndarray):
-                logits = self.decode_embeddings(segment)
+                own = None if keys is None else keys[self.n_past:self.n_past + len(segment)]
+                logits = self.decode_embeddings(segment, own)
                 digest = (boundaries or {}).get(self.n_past)
                 if store and digest is not None and digest not in self.prefix_store:
                     self.prefix_store.put(digest, self._save())
@@ -517,8 +520,9 @@ def _prompt_keys(segments: list) -> tuple[list, list[tuple[int, bytes]]]:
     running = hashlib.blake2b(digest_size=16)
     for segment in segments:
         if isinstance(segment, np.ndarray):
-            keys.extend(_row_keys(segment))
-            running.update(b"E" + np.ascontiguousarray(segment, np.float32).tobytes())
+            row_keys = _row_keys(segment)
+            keys.extend(row_keys)
+            running.update(b"E" + row_keys[0][0])  # the rows' own digest stands for them
             boundaries.append((len(keys), running.copy().digest()))
         else:
             keys.extend(segment)

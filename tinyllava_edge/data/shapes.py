@@ -483,6 +483,21 @@ def _iter_images(config: ShapesConfig, split: str, n: int) -> Iterator[_Generate
         )
 
 
+class Scene(NamedTuple):
+    """One generated image and what it shows."""
+
+    index: int
+    image: Image.Image
+    objects: tuple[ShapeObject, ...]
+
+
+def scenes(config: ShapesConfig, split: str, n: int) -> Iterator[Scene]:
+    """The first `n` images of `split` exactly as the dataset has them, with their objects."""
+    _check_split(split)
+    for item in _iter_images(config, split, n):
+        yield Scene(item.index, item.image, item.objects)
+
+
 def generate(
     split: str,
     n: int,

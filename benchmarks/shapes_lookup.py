@@ -32,7 +32,7 @@ def main() -> int:
     from tinyllava_edge.data.shapes import ShapesConfig, scenes
     from tinyllava_edge.errors import TinyLlavaError
     from tinyllava_edge.eval.predictor import TorchPredictor
-    from tinyllava_edge.eval.shapes_lookup import iter_rows, run_lookup
+    from tinyllava_edge.eval.shapes_lookup import markdown_rows, run_lookup
 
     if args.n < 1:
         print("error: --n must be at least 1", file=sys.stderr)
@@ -55,7 +55,7 @@ def main() -> int:
              "text_embedding_norm": round(float(text.norm(dim=-1).mean()), 3)}
     figures = {"command": "python benchmarks/shapes_lookup.py", "model": str(args.model), "scenes": args.n,
                "lookup": scores, **norms}
-    print("\n".join(iter_rows(scores)))
+    print("\n".join(markdown_rows(scores)))
     print(f"\nimage tokens: mean norm {norms['image_token_norm']}; text embeddings: mean norm "
           f"{norms['text_embedding_norm']} (ratio {norms['image_token_norm'] / max(norms['text_embedding_norm'], 1e-9):.0f})")
     if args.json:

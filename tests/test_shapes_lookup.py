@@ -12,6 +12,7 @@ from tinyllava_edge.errors import DataError
 from tinyllava_edge.eval.shapes_lookup import (
     PROBES,
     lookup_items,
+    markdown_rows,
     run_lookup,
     score_lookup,
 )
@@ -62,6 +63,9 @@ def test_scores_oracle_random_object_and_wrong():
     # the baseline does not depend on the answers; for 'where' it is 100/n
     assert wrong["where"]["2"]["baseline"] == pytest.approx(50.0)
     assert wrong["where"]["4"]["baseline"] == pytest.approx(25.0)
+    rows = list(markdown_rows(oracle))
+    assert len(rows) == 2 + sum(len(by) for by in oracle.values())
+    assert rows[2].startswith("| where | 1 | ") and rows[2].endswith(" | 100.0 | 100.0 |")
     with pytest.raises(ValueError, match="3 answers for"):
         score_lookup(items, ["x"] * 3)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.shapes import CELL_NAMES, ShapeObject, ShapesConfig, scenes
+from .metrics import exact_match_text, percent
 
 PROBES = ("where", "shape", "colour")
 
@@ -74,20 +75,21 @@ def lookup_items(config: ShapesConfig, split: str = "test", n: int = 400) -> lis
 
 
 def score_lookup(items: Sequence[LookupItem], answers: Sequence[str]) -> dict:
-    """Accuracy and random-object baseline (both %) per probe and object count, and over all counts."""
+    """Accuracy and random-object baseline (both %) per probe and object count, and over all counts;
+    answers compare as the shapes benchmark compares them (:func:`.metrics.exact_match_text`)."""
     if len(items) != len(answers):
         raise ValueError(f"{len(answers)} answers for {len(items)} questions")
     groups: dict[tuple[str, Any], list[tuple[bool, float]]] = defaultdict(list)
     for item, answer in zip(items, answers):
-        right = answer.strip().rstrip(".").lower() == item.answer
+        right = exact_match_text(answer) == exact_match_text(item.answer)
         groups[(item.probe, item.n_objects)].append((right, item.baseline))
         groups[(item.probe, "all")].append((right, item.baseline))
     out: dict[str, dict] = {}
     for (probe, count), rows in sorted(groups.items(), key=lambda kv: (PROBES.index(kv[0][0]), str(kv[0][1]))):
         out.setdefault(probe, {})[str(count)] = {
             "n": len(rows),
-            "accuracy": round(100.0 * sum(r for r, _ in rows) / len(rows), 2),
-            "baseline": round(100.0 * sum(b for _, b in rows) / len(rows), 2),
+            "accuracy": round(percent(sum(r for r, _ in rows), len(rows)), 2),
+            "baseline": round(percent(sum(b for _, b in rows), len(rows)), 2),
         }
     return out
 
@@ -98,14 +100,10 @@ def run_lookup(predict: Callable[[list[tuple[Any, str]]], list[str]], config: Sh
     return score_lookup(items, predict([(i.image, i.question) for i in items]))
 
 
-def lookup_table(scores: dict) -> list[list[Any]]:
-    """Rows (probe, objects, questions, accuracy %, baseline %) for a markdown table."""
-    return [[probe, count, g["n"], g["accuracy"], g["baseline"]]
-            for probe, by_count in scores.items() for count, g in by_count.items()]
-
-
-def iter_rows(scores: dict) -> Iterable[str]:
+def markdown_rows(scores: dict) -> Iterable[str]:
+    """A markdown table of :func:`score_lookup`'s figures, one row per probe and object count."""
     yield "| probe | objects | questions | accuracy % | random-object baseline % |"
     yield "|---|---|---|---|---|"
-    for row in lookup_table(scores):
-        yield "| " + " | ".join(str(x) for x in row) + " |"
+    for probe, by_count in scores.items():
+        for count, g in by_count.items():
+            yield f"| {probe} | {count} | {g['n']} | {g['accuracy']} | {g['baseline']} |"

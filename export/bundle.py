@@ -163,8 +163,7 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
     steps.start(f"loading checkpoint {source}")
     model, tokenizer, layout = _load(source)
-    staging = _staging_dir(final)
-    try:
+    with _staged(final) as staging:
         manifest = _write_parts(model, tokenizer, staging, steps, precision, gguf=gguf, with_fp16=with_fp16,
                                 mmproj=mmproj, verify=verify, progress=progress, check_images=check_images,
                                 check_tokens=check_tokens)
@@ -181,9 +180,6 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         write_manifest(staging, manifest)
         _move_into_place(staging, final)
         steps.done()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"path": str(final), "manifest": manifest, "seconds": time.perf_counter() - started}
 
 
@@ -481,6 +477,18 @@ def _staging_dir(final: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     except OSError as exc:
         raise TinyLlavaError(f"cannot write the bundle {final} ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def _staged(final: Path) -> Iterator[Path]:
+    """A fresh staging folder beside `final` (see :func:`_staging_dir`), removed if the block fails;
+    the block ends by moving it into place with :func:`_move_into_place`."""
+    staging = _staging_dir(final)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _move_into_place(staging: Path, final: Path) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.export.bundle import _check_destination, _move_into_place, _staging_dir, _Steps
+from tinyllava_edge.export.bundle import _check_destination, _move_into_place, _staged, _Steps
 from tinyllava_edge.export.manifest import MANIFEST_NAME, file_record, files_by_role, read_manifest, write_manifest
 
 from .gguf import BITS_TO_TYPE, GGUF_TYPES, gguf_type, quantize_gguf
@@ -83,8 +83,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     redo_mmproj = mmproj is not None and bool(mm) and mm[0]["quant"] in ("F16", "F32")
     steps = _Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
     started = time.perf_counter()
-    staging = _staging_dir(final)
-    try:
+    with _staged(final) as staging:
         steps.start(f"copying {source.name}")
         replaced = {llm["name"]} | ({mm[0]["name"]} if redo_mmproj else set())
         files = []
@@ -149,9 +148,6 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         read_manifest(staging)  # the new bundle is whole and self-consistent
         _move_into_place(staging, final)
         steps.done()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"path": str(final), "manifest": new_manifest, "seconds": time.perf_counter() - started}
 
 

@@ -293,7 +293,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     the largest of 128/64/32/16 that divides every LLM input width. `seq_len`: tokens per sample,
     image rows included. Returns {path, record, seconds}; the record is also quantization.json.
     """
-    from tinyllava_edge.export.bundle import _move_into_place, _source_record, _staging_dir, _Steps
+    from tinyllava_edge.export.bundle import _move_into_place, _source_record, _staged, _Steps
 
     source, final = Path(checkpoint_dir), Path(out_dir)
     if bits not in FUSED_BITS:
@@ -340,8 +340,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     ids, n_virtual = _virtual_ids(calib, rows, vocab, seq_len)
     calibration = [{"input_ids": i, "attention_mask": [1] * len(i)} for i in ids]
 
-    staging = _staging_dir(final)
-    try:
+    with _staged(final) as staging:
         steps.start(f"GPTQ {bits}-bit, group {group}: {len(linears)} linears (GPTQModel {gptqmodel.__version__}, CPU)")
         fp32_dir = staging / ".fp32-llm"
         with quiet():
@@ -393,9 +392,6 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         _write_record(staging, record)
         _move_into_place(staging, final)
         steps.done()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"path": str(final), "record": record, "seconds": record["seconds"]}
 
 

@@ -99,17 +99,18 @@ def mmproj_tensor_name(name: str, n_blocks: int) -> str | None:
 
 
 def feature_layers(layer: int | list[int], n_layers: int) -> list[int]:
-    """The checkpoint's `vision_feature_layer` as ascending hidden-state indices 1..n_layers.
+    """The checkpoint's `vision_feature_layer` as ascending hidden-state indices 0..n_layers.
 
     hidden_states[0] is the embedding output and hidden_states[i] the output of block i, as in
-    transformers; the llava graph uses the same numbering for `clip.vision.feature_layer`.
+    transformers; the llava graph uses the same numbering for `clip.vision.feature_layer` (it
+    keeps the input of block i for index i, and with 0 alone runs no block at all).
     """
     layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     indices = [i + n_layers + 1 if i < 0 else i for i in layers]
-    if any(not 1 <= i <= n_layers for i in indices):
+    if any(not 0 <= i <= n_layers for i in indices):
         raise TinyLlavaError(
-            f"vision_feature_layer {layer!r} does not select a block output of a {n_layers}-layer tower; "
-            "the mmproj needs indices 1..n_layers (or -n_layers..-1)"
+            f"vision_feature_layer {layer!r} does not select a hidden state of a {n_layers}-layer tower; "
+            "the mmproj needs indices 0..n_layers (or -n_layers-1..-1)"
         )
     if indices != sorted(set(indices)):
         # llama.cpp concatenates the listed layers in block order.
@@ -191,7 +192,9 @@ def plan_mmproj(model) -> dict:
         "tower": tower,
         "use_gelu": use_gelu,
         "feature_layer": layers,
-        "block_count": max(layers),
+        # At least one block: the graph reads no block for layer 0 alone, but the loader
+        # expects the tower to have some.
+        "block_count": max(1, max(layers)),
         "n_tokens_model": model_tokens,
         "n_tokens_stock": stock_tokens,
         "hidden": config.hidden_size,

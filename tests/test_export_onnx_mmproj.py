@@ -350,8 +350,10 @@ def test_feature_layers():
     assert mmproj_module.feature_layers([-3, -1], 4) == [2, 4]
     with pytest.raises(TinyLlavaError, match="ascending"):
         mmproj_module.feature_layers([-1, -3], 4)
-    with pytest.raises(TinyLlavaError, match="block output"):
-        mmproj_module.feature_layers(-5, 4)
+    assert mmproj_module.feature_layers(0, 4) == mmproj_module.feature_layers(-5, 4) == [0]  # embedding output
+    for outside in (-6, 5):
+        with pytest.raises(TinyLlavaError, match="hidden state"):
+            mmproj_module.feature_layers(outside, 4)
 
 
 def test_mmproj_pairs_with_the_llm_gguf(tmp_path):

@@ -68,6 +68,31 @@ def test_the_tower_keeps_its_seeded_random_init(run):
     assert not any(torch.equal(p, connector[n]) for n, p in fresh.connector.named_parameters())
 
 
+def test_the_preset_scales_the_towers_position_embeddings_at_init(run):
+    """tiny-shapes: position embeddings x16 on top of the family's init, nothing else touched."""
+    import torch
+    from transformers import set_seed
+
+    from tinyllava_edge.model import TinyLlavaForConditionalGeneration
+    from tinyllava_edge.model.presets import get_preset
+    from tinyllava_edge.train import TrainConfig
+    from tinyllava_edge.train.run import load_start
+
+    out, _, _ = run
+    preset = get_preset("tiny-shapes")
+    assert preset.vision_position_scale == 16.0 and preset.vision_feature_layer == 0
+    set_seed(0)
+    scaled, tokenizer, _ = load_start(TrainConfig(preset="tiny-shapes", tokenizer=str(out / "tokenizer"),
+                                                  data="unused.json", output="unused"))
+    set_seed(0)
+    plain = TinyLlavaForConditionalGeneration(preset.config(vocab_size=len(tokenizer), pad_token=tokenizer.pad_token,
+                                                            pad_token_id=tokenizer.pad_token_id))
+    mine, theirs = dict(scaled.named_parameters()), dict(plain.named_parameters())
+    moved = [n for n in mine if not torch.equal(mine[n], theirs[n])]
+    assert moved == ["vision_tower._vision_tower.vision_model.embeddings.position_embedding.weight"], moved
+    torch.testing.assert_close(mine[moved[0]], 16.0 * theirs[moved[0]])
+
+
 def test_a_non_empty_output_is_refused_and_overwrite_needs_a_previous_run(run, tmp_path):
     out, _, _ = run
     with pytest.raises(TinyLlavaError, match="is not empty"):

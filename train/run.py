@@ -133,6 +133,7 @@ def load_start(config: TrainConfig):
         model_config = preset.config(vocab_size=len(tokenizer), pad_token=tokenizer.pad_token,
                                      pad_token_id=tokenizer.pad_token_id)
         model = TinyLlavaForConditionalGeneration(model_config)
+        preset.init_weights(model)
         source = f"preset {config.preset!r} (random init, seed {config.seed}) + tokenizer {config.tokenizer}"
     if tokenizer.pad_token_id is None:
         raise TinyLlavaError(f"the tokenizer of {config.model or config.tokenizer} has no pad token; batches need one")

@@ -18,6 +18,13 @@ one question-answer pair each):
 
 Answers come from a closed set of lowercase words (``ANSWERS``), so exact match scores them.
 
+Captions ("blue square center, red circle top left.") name every object as colour, shape, cell,
+in a seeded random order. Both choices are for stage 1, which trains on them: in random order
+the next cell cannot be read off a scan of the grid, and with the cell right after the shape
+(no "at the" in between) predicting it is one lookup of the object just named. That lookup is
+what "where", relative-position and existence questions build on (docs/tiny-shapes-training.md,
+sixth look).
+
 For training, ``instruct.json`` holds one multi-turn conversation per train image: every question
 of the image, plus ``EXTRA_TURNS`` (two "Where is the red circle?" -> "top left" and one more
 existence question), in a seeded random order, then a request for its caption (last, so no
@@ -54,7 +61,9 @@ from ..constants import DEFAULT_IMAGE_TOKEN
 from ..errors import DataError
 
 GENERATOR_NAME = "tinyllava_edge.data.shapes"  # written to meta.json; marks our datasets
-GENERATOR_VERSION = 3  # 2: grey background, outlined shapes, instruct.json; 3: instruct turns (caption last, extra)
+# 2: grey background, outlined shapes, instruct.json; 3: instruct turns (caption last, extra);
+# 4: terse captions ("red circle top left, ..."), objects in a random order (images and questions as in 3)
+GENERATOR_VERSION = 4
 # Training-only turns added to each instruct conversation: "Where is the red circle?" -> "top left"
 # (finding an object by colour and shape, then reading its cell: the skill relative-position and
 # existence questions build on) twice, and one more existence question. The single-turn splits
@@ -86,7 +95,7 @@ PLURALS: Mapping[str, str] = MappingProxyType({
     "cross": "crosses",
 })
 GRID = 3
-# CELL_NAMES[row][col], as used in captions ("a red circle at the top left").
+# CELL_NAMES[row][col], as used in captions ("red circle top left") and "where" answers.
 CELL_NAMES = (
     ("top left", "top", "top right"),
     ("left", "center", "right"),
@@ -272,6 +281,18 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
+def _caption_order(seed: int, split: str, index: int, n: int) -> list[int]:
+    """The order a caption names an image's ``n`` objects in: random, from a stream of its own,
+    so the image and its questions stay those of the image stream alone.
+
+    In reading order the next object's cell is the next occupied cell, so a caption can be
+    continued without finding the object just named in the image; in random order it cannot,
+    and stage 1 then trains the lookup (colour and shape -> the object's cell) that "where",
+    relative-position and existence questions need."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index, 1])
+    return [int(i) for i in rng.permutation(n)]
+
+
 def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
@@ -336,14 +357,8 @@ def _article(word: str) -> str:
 
 
 def caption(objects: tuple[ShapeObject, ...] | list[ShapeObject]) -> str:
-    """Describe every object: "a red circle at the top left and a blue square at the center."."""
-    parts = [
-        f"{_article(o.colour)} {o.colour} {o.shape} at the {CELL_NAMES[o.row][o.col]}"
-        for o in objects
-    ]
-    if len(parts) == 1:
-        return parts[0] + "."
-    return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+    """Name every object, in the order given: "red circle top left, blue square center."."""
+    return ", ".join(f"{o.colour} {o.shape} {CELL_NAMES[o.row][o.col]}" for o in objects) + "."
 
 
 def _ask_shape(rng, objects) -> tuple[str, str] | None:
@@ -470,7 +485,8 @@ def _iter_images(config: ShapesConfig, split: str, n: int) -> Iterator[_Generate
     for index in range(n):
         rng = _image_rng(config.seed, split, index)
         scene = _make_scene(rng, split, config.max_objects)
-        text = caption(scene.objects)
+        order = _caption_order(config.seed, split, index, len(scene.objects))
+        text = caption([scene.objects[i] for i in order])
         questions = _questions(rng, scene.objects, split)
         yield _GeneratedImage(
             index=index,

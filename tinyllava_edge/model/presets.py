@@ -27,6 +27,22 @@ class Preset:
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "cls_patch"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Factor on the tower's position embeddings at random initialisation (1: the family's init).
+    vision_position_scale: float = 1.0
+
+    def init_weights(self, model) -> None:
+        """Preset-specific changes to a freshly initialised model (before any training)."""
+        if self.vision_position_scale == 1.0:
+            return
+        import torch
+
+        tables = [m.position_embedding for m in model.vision_tower.modules()
+                  if isinstance(getattr(m, "position_embedding", None), torch.nn.Embedding)]
+        if len(tables) != 1:
+            raise TinyLlavaError(f"preset {self.name!r} scales the tower's position embeddings, "
+                                 f"but the tower has {len(tables)} position-embedding tables")
+        with torch.no_grad():
+            tables[0].weight.mul_(self.vision_position_scale)
 
     def config(self, vocab_size: int, **overrides: Any) -> TinyLlavaConfig:
         fields = dict(
@@ -61,9 +77,14 @@ PRESETS: Mapping[str, Preset] = {
                 "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 48, "patch_size": 16,
                 "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "vision_use_head": False,
             },
-            # Two layers, the last one's output: the default recipe keeps the tower at its
-            # seeded random initialisation (train/preset_recipes.py says why).
-            vision_feature_layer=-1,
+            # The tower stays at its seeded random initialisation (train/preset_recipes.py says
+            # why), and the LLM reads its embedding output (layer 0: each patch's own pixels plus
+            # its position), not its last layer: two random attention layers blend every cell into
+            # every token, and the LLM then never learns to find an object by colour and shape.
+            # Position embeddings x16 (norm ~16 against ~11 for a patch with an object in it), so
+            # each token says which cell it is: the cell is what the lookups read out.
+            vision_feature_layer=0,
+            vision_position_scale=16.0,
             extra={"tokenizer_model_max_length": 512, "pad_token": "<pad>", "pad_token_id": 3},
         ),
     )

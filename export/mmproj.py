@@ -192,8 +192,8 @@ def plan_mmproj(model) -> dict:
         "tower": tower,
         "use_gelu": use_gelu,
         "feature_layer": layers,
-        # At least one block: the graph reads no block for layer 0 alone, but the loader
-        # expects the tower to have some.
+        # At least one block: the graph runs no block for layer 0 alone, and a tower of zero
+        # blocks has not been tried against mtmd's loader (one unused block is what the test checks).
         "block_count": max(1, max(layers)),
         "n_tokens_model": model_tokens,
         "n_tokens_stock": stock_tokens,

@@ -423,6 +423,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any = None, device: Any = No
     from .modeling import TinyLlavaForConditionalGeneration
 
     ckpt = read_checkpoint(path)
+    if dtype == "auto":  # transformers' meaning: the dtype the weights were saved in
+        dtype = getattr(ckpt.config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     # no_init_weights: torch.empty tensors, so the LLM a GPTQ checkpoint replaces is never filled

@@ -61,6 +61,7 @@ PY
 env_end() {
     if [ "$ENV_LATEST" = 1 ]; then
         local tmp
+        mkdir -p "$(dirname "$ENV_LOCK")"
         tmp=$(mktemp "$ENV_LOCK.XXXXXX")
         {
             echo "# Exact versions for $ENV_DIR (pip constraints). Made by: bash $0 --latest"

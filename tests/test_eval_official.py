@@ -10,9 +10,12 @@ files (the official code is not part of the repository):
   the answers as LLaVA's ``scripts/convert_vqav2_for_submission.py`` submits them (EvalAI
   processing, LLaVA's ``llava/eval/m4c_evaluator.py``);
 * the VQAv2 submission: LLaVA's ``convert_vqav2_for_submission.py`` on the same answers;
-* MME: LLaVA's ``playground/data/eval/MME/convert_answer_to_mme.py``, then MME's
-  ``eval_tool/calculation.py`` (BradyFU/Awesome-Multimodal-Large-Language-Models, branch
-  Evaluation, ``tools/eval_tool.zip``).
+* MME: LLaVA's ``playground/data/eval/MME/convert_answer_to_mme.py`` (LLaVA commit 32cebc3),
+  then MME's ``eval_tool/calculation.py`` (BradyFU/Awesome-Multimodal-Large-Language-Models,
+  branch Evaluation, ``tools/eval_tool.zip``; scikit-learn 1.9.1).
+
+The tests themselves never run official code; they compare this project's scorers with those
+recorded figures.
 """
 
 import json

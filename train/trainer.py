@@ -21,9 +21,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..errors import CheckpointError
-from .recipes import PART_MODULES
-from .sampler import LengthGroupedSampler, SeededRandomSampler
+from tinyllava_edge.errors import CheckpointError
+from tinyllava_edge.train.recipes import PART_MODULES
+from tinyllava_edge.train.sampler import LengthGroupedSampler, SeededRandomSampler
 
 TRAINABLE_NAME = "trainable.safetensors"
 
@@ -123,7 +123,7 @@ class TinyLlavaTrainer(Trainer):
         model = model if model is not None else self.model
         if _is_peft(model) or not os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from ..model.checkpoint import load_state, read_checkpoint
+        from tinyllava_edge.model.checkpoint import load_state, read_checkpoint
 
         checkpoint = read_checkpoint(resume_from_checkpoint)
         load_state(model, checkpoint.state_dict, checkpoint.path)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import TinyLlavaError
-from .configuration import TinyLlavaConfig
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.model.configuration import TinyLlavaConfig
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ class Preset:
 
     def part_names(self) -> tuple[str, str]:
         """The LLM's and the tower's names: TinyLLaVA_Factory picks its classes by a substring of each."""
-        from .llm import family_for
-        from .vision import tower_for_model_type
+        from tinyllava_edge.model.llm import family_for
+        from tinyllava_edge.model.vision import tower_for_model_type
 
         llm_key = family_for(self.text["model_type"]).factory_key
         tower_key = tower_for_model_type(self.vision["model_type"]).factory_key

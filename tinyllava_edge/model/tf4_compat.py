@@ -70,15 +70,23 @@ def add_4x_keys(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def drop_4x_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """Remove the 4.x spellings that `add_4x_keys` wrote (in place); 4.x-only configs are left alone."""
+    """Remove the 4.x spellings that `add_4x_keys` wrote (in place); 4.x-only configs are left alone.
+
+    A flat RoPE value that differs from `rope_parameters` was changed by a 4.x writer (the
+    Factory carries our `rope_parameters` along as an unknown key when it saves a config it read
+    from us): 4.x computed with the flat one, so it wins.
+    """
     for part in (raw, raw.get("text_config"), raw.get("vision_config")):
         if not isinstance(part, dict):
             continue
         if "dtype" in part:
             part.pop("torch_dtype", None)
-        if isinstance(part.get("rope_parameters"), dict):
-            for key in (*_FLAT_ROPE, "rope_scaling"):
-                part.pop(key, None)
+        rope = part.get("rope_parameters")
+        if isinstance(rope, dict):
+            for key in _FLAT_ROPE:
+                if key in part:
+                    rope[key] = part.pop(key)
+            part.pop("rope_scaling", None)
     return raw
 
 

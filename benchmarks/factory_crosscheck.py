@@ -216,14 +216,15 @@ def run(factory: Path, work: Path, cases: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run([str(TF440_PYTHON), __file__, "--phase", "factory", "--factory", str(factory), "--work", str(work),
                     "--cases", ",".join(cases)], check=True, env=env)
-    to_factory = json.loads((work / "factory" / "results.json").read_text())
+    factory_run = json.loads((work / "factory" / "results.json").read_text())
+    to_factory = factory_run["cases"]
     from_factory = read_factorys(work, cases)
     import transformers
 
     return {
         "tolerance": TOL,
         "factory_commit": _factory_commit(factory),
-        "transformers": {"ours": transformers.__version__, "factory": "4.40.1"},
+        "transformers": {"ours": transformers.__version__, "factory": factory_run["transformers"]},
         "torch": torch.__version__, "python": platform.python_version(),
         "seconds": round(time.perf_counter() - started, 1),
         "cases": {c: {"ours_in_factory": to_factory[c], "factorys_in_ours": from_factory[c]} for c in cases},
@@ -269,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        results = factory_side(args.factory.resolve(), work, cases)
+        import transformers
+
+        results = {"transformers": transformers.__version__, "cases": factory_side(args.factory.resolve(), work, cases)}
         (work / "factory" / "results.json").write_text(json.dumps(results, indent=2))
         return 0
     if not TF440_PYTHON.is_file():

@@ -14,7 +14,8 @@ Three layouts are read (safetensors only):
   `multi_modal_projector.linear_{1,2}.*`) or the 5.x ones (`model.language_model.*`, `lm_head.*`).
 
 Each layout becomes a `TinyLlavaConfig` whose feature selection reproduces what that layout's
-own code computed, and a state dict in our (= Factory) names.
+own code computed, and a state dict in our (= Factory) names. What we write also carries what
+transformers 4.x readers (the Factory's 4.40) need, and reading drops it again: tf4_compat.py.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ def stage_hub(case_dir: Path, hub: Path) -> None:
     """Local directories named as the checkpoint's part names, standing in for the hub."""
     from tinyllava_edge.data.preprocess import PreprocessConfig
     from tinyllava_edge.data.shapes_tokenizer import train_shapes_tokenizer
+    from tinyllava_edge.model import load_tokenizer, save_tokenizer
     from tinyllava_edge.testing.checkpoints import TOKENIZER_OF_FAMILY
     from tinyllava_edge.testing.interop import DEFAULT_CASE
     from tinyllava_edge.testing.tokenizers import build_tokenizer
@@ -66,7 +67,9 @@ def stage_hub(case_dir: Path, hub: Path) -> None:
     llm, vision = hub / raw["llm_model_name_or_path"], hub / raw["vision_model_name_or_path"]
     tokenizer = hub / raw["tokenizer_name_or_path"]
     if case_dir.name == DEFAULT_CASE:
-        train_shapes_tokenizer(tokenizer)
+        # the files a trained default model holds: the shapes tokenizer as tinyllava-train saves it
+        train_shapes_tokenizer(hub / ".shapes-tokenizer")
+        save_tokenizer(load_tokenizer(hub / ".shapes-tokenizer", model_type="llama"), tokenizer)
     else:
         build_tokenizer(TOKENIZER_OF_FAMILY[raw["text_config"]["model_type"]], tokenizer)
     llm.mkdir(parents=True, exist_ok=True)

@@ -325,7 +325,7 @@ def _save_final(trainer, trained, tokenizer, out: Path, config: TrainConfig):
             save_adapter(model, out)
             model = unload_lora(model)
     model.config.use_cache = True
-    save_tokenizer(tokenizer, out)  # in the form the Factory's tokenizers 0.19 reads too
+    save_tokenizer(tokenizer, out)  # in files the Factory's transformers 4.40 reads too
     model.save_pretrained(out)
     return model.eval()
 

@@ -35,7 +35,7 @@ from tinyllava_edge.errors import CheckpointError
 from tinyllava_edge.model.configuration import TinyLlavaConfig
 from tinyllava_edge.model.gptq import attach_gptq_llm, gptq_llm_dir
 from tinyllava_edge.model.tf4_compat import (HEAD_PREFIX, add_4x_keys, dinov2_from_4x, dinov2_to_4x, drop_4x_keys,
-                         siglip_head_placeholder)
+                                             siglip_head_placeholder)
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -389,7 +389,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _map_tower(state: Mapping[str, torch.Tensor], convert) -> dict[str, torch.Tensor]:
     """`convert` applied to the tower's weights (names relative to the tower); the rest unchanged."""
     tower = convert({k[len(_TOWER):]: v for k, v in state.items() if k.startswith(_TOWER)})
-    return {**{k: v for k, v in state.items() if not k.startswith(_TOWER)}, **{_TOWER + k: v for k, v in tower.items()}}
+    rest = {k: v for k, v in state.items() if not k.startswith(_TOWER)}
+    return {**rest, **{_TOWER + k: v for k, v in tower.items()}}
 
 
 def _preview(names: list[str], limit: int = 8) -> str:

@@ -228,7 +228,7 @@ def in_process_decode(model: Path, questions, max_tokens: int, threads: int | No
     with tinyllava_edge.load(model, device="cpu", **options) as vlm:
         vlm.generate(None, "Hello.", max_new_tokens=4)  # warm-up, as the server had
         for uri, question, _ in questions:
-            image = load_request_image(uri, policy, "bench").image  # the server's decoding, same pixels
+            image = load_request_image(uri, policy, "bench").decode()  # the server's decoding, same pixels
             _, stats = vlm.generate(image, question, max_new_tokens=max_tokens, return_stats=True)
             if stats.decode_tokens > 1:
                 tokens += stats.decode_tokens - 1

@@ -5,8 +5,8 @@ Routes: ``POST /v1/chat/completions``, ``GET /v1/models`` (and ``/v1/models/{id}
 With an API key, every ``/v1`` route needs ``Authorization: Bearer KEY`` (compared in constant
 time); ``/health`` and ``/metrics`` stay open for probes and scrapers. No CORS headers unless
 origins are given. The request body is read up to ``max_body_bytes`` (413 past it, before JSON
-parsing); images are decoded in a thread, before the request waits for a worker. Every refusal
-has OpenAI's error shape (apps/serve/errors.py).
+parsing); a large body is parsed in a thread. Images are decoded by the worker that answers.
+Every refusal has OpenAI's error shape (apps/serve/errors.py).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from tinyllava_edge.runtime.vlm import VLM
 
 log = logging.getLogger("tinyllava_edge.serve")
 OWNER = "tinyllava-edge"
+INLINE_PARSE_BYTES = 256 * 1024  # smaller bodies are parsed on the event loop: a thread hop costs more
 
 
 def build_app(settings: ServeSettings, *, loader: Callable[..., VLM] | None = None,
@@ -60,13 +61,22 @@ def build_app(settings: ServeSettings, *, loader: Callable[..., VLM] | None = No
 
     async def chat_completions(request: Request) -> Response:
         arrived = time.perf_counter()
-        body = await _read_body(request, settings.max_body_bytes)
+        pool.admit()
+        handed_over = False  # the event stream releases the request when it ends
         try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError) as err:
-            reason = str(err).splitlines()[0] if isinstance(err, ValueError) else "nested too deeply"
-            raise bad_request(f"the request body is not valid JSON ({reason})", code="invalid_json") from None
-        chat = await run_in_threadpool(parse_chat_request, payload, policy, settings.served_model_name)
+            response = await _answer(request, arrived)
+            handed_over = isinstance(response, EventStream)
+            return response
+        finally:
+            if not handed_over:
+                pool.release()
+
+    async def _answer(request: Request, arrived: float) -> Response:
+        body = await _read_body(request, settings.max_body_bytes)
+        if len(body) > INLINE_PARSE_BYTES:  # JSON and base64 of a large body: off the event loop
+            chat = await run_in_threadpool(_parse, body, policy, settings.served_model_name)
+        else:
+            chat = _parse(body, policy, settings.served_model_name)
         job = pool.submit(chat, arrived)
         disconnect = asyncio.ensure_future(wait_disconnect(request.receive))
         reply = Reply(settings.served_model_name)
@@ -134,6 +144,15 @@ def build_app(settings: ServeSettings, *, loader: Callable[..., VLM] | None = No
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.state.pool, app.state.metrics = pool, metrics
     return app
+
+
+def _parse(body: bytes, policy: ImagePolicy, served_model: str):
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as err:
+        reason = str(err).splitlines()[0] if isinstance(err, ValueError) else "nested too deeply"
+        raise bad_request(f"the request body is not valid JSON ({reason})", code="invalid_json") from None
+    return parse_chat_request(payload, policy, served_model)
 
 
 def _log_failure(err: BaseException) -> None:

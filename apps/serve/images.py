@@ -7,10 +7,12 @@
 * ``file://``: only with ``--allow-files DIR``, and only for files below DIR once symlinks and
   ``..`` are resolved.
 
-Decoding is the demo's (:func:`tinyllava_edge.apps.uploads.open_image`): the declared size is
-checked against ``max_image_pixels`` before any pixel is decoded (a PNG bomb declares its size in
-its header), the image is decoded fully (a truncated one is refused) and converted to RGB the
-runtime's way. Anything else unusable is one 400 sentence.
+A request keeps its images encoded (:class:`RequestImage`) while it waits for a worker, so the
+queue holds at most its bodies' bytes; the worker decodes them (:meth:`RequestImage.decode`) the
+demo's way (:func:`tinyllava_edge.apps.uploads.open_image`): the declared size is checked against
+``max_image_pixels`` before any pixel is decoded (a PNG bomb declares its size in its header),
+the image is decoded fully (a truncated one is refused) and converted to RGB the runtime's way.
+A problem found there is still answered before the first token: 413 over a cap, 400 otherwise.
 """
 
 from __future__ import annotations
@@ -47,37 +49,40 @@ class ImagePolicy:
 
 @dataclass(frozen=True)
 class RequestImage:
-    image: Image.Image  # RGB, fully decoded
-    digest: str  # of the encoded bytes: which requests show the same picture (worker affinity)
+    data: bytes  # the image file as sent
+    param: str  # the request field it came in, for messages
+    policy: ImagePolicy
+    digest: str  # of `data`: which requests show the same picture (worker affinity)
+
+    def decode(self) -> Image.Image:
+        """The RGB image, fully decoded; ApiError 413 over the pixel caps, 400 for anything unusable."""
+        try:
+            return open_image(io.BytesIO(self.data), self.param, max_side=MAX_SIDE,
+                              max_pixels=self.policy.max_image_pixels, taker=TAKER)
+        except ImageTooLarge as err:
+            raise ApiError(413, str(err), param=self.param, code="image_too_large") from None
+        except TinyLlavaError as err:
+            raise bad_request(str(err), self.param, "invalid_image") from None
 
 
 def load_request_image(url: str, policy: ImagePolicy, param: str) -> RequestImage:
-    """The image an ``image_url`` names, or an ApiError about `param` (the request field)."""
+    """The image an ``image_url`` names, still encoded, or an ApiError about `param` (the request field)."""
     if not isinstance(url, str) or not url:
         raise bad_request("an image_url needs a non-empty 'url' string (a data: URI)", param)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         data = _data_uri_bytes(url, policy, param)
-        source, name = io.BytesIO(data), param
     elif scheme in ("http", "https"):
         raise bad_request(f"{scheme}:// image URLs are refused: the server fetches nothing from the network; send "
                           "the image inline as a data: URI (data:image/png;base64,...)", param,
                           "image_url_not_allowed")
     elif scheme == "file":
-        path = _allowed_file(url, policy, param)
-        data, name = path.read_bytes(), path.name
-        source = io.BytesIO(data)
+        data = _allowed_file(url, policy, param).read_bytes()
     else:
         shown = url if len(url) <= 40 else url[:40] + "..."
         raise bad_request(f"image URL {shown!r} is not a data: URI; the server takes images inline as "
                           "data:image/...;base64,...", param, "invalid_image_url")
-    try:
-        image = open_image(source, name, max_side=MAX_SIDE, max_pixels=policy.max_image_pixels, taker=TAKER)
-    except ImageTooLarge as err:
-        raise ApiError(413, str(err), param=param, code="image_too_large") from None
-    except TinyLlavaError as err:
-        raise bad_request(str(err), param, "invalid_image") from None
-    return RequestImage(image, hashlib.blake2b(data, digest_size=16).hexdigest())
+    return RequestImage(data, param, policy, hashlib.blake2b(data, digest_size=16).hexdigest())
 
 
 def _data_uri_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:

@@ -1,10 +1,10 @@
 """Workers, the bounded queue, and how a request becomes tokens on one of them.
 
 A worker is one runtime instance (``tinyllava_edge.load``: a model and its own KV cache) and one
-thread that answers its jobs one after another. The pool lives in the event loop: it hands a
-new job to an idle worker, or puts it in a queue of ``queue`` places, or refuses it with 429 and a
-``Retry-After`` estimated from recent service times. Tokens go back to the event loop as they are
-chosen.
+thread that answers its jobs one after another. The pool lives in the event loop: it admits at
+most ``workers + queue`` requests at once (counted from before their body is read; past that 429
+with a ``Retry-After`` estimated from recent service times), hands a job to an idle worker or
+queues it. Tokens go back to the event loop as they are chosen.
 
 Reuse across requests. An OpenAI client sends the whole conversation each time; the worker
 renders it with the model's template as ``VLM.chat()`` does (``{system} USER: <image>\\n{q1}
@@ -116,7 +116,8 @@ class Worker:
         vlm, request = self.vlm, job.request
         stats = GenerationStats()
         try:
-            rows = vlm.encode_images([i.image for i in request.images], [stats] * len(request.images))
+            images = [image.decode() for image in request.images]  # decoded here: the queue holds bytes
+            rows = vlm.encode_images(images, [stats] * len(images))
             segments = render_segments(vlm, request, rows)
             prompt_tokens = positions(segments)
             params = sampling_params(answer_budget(request.max_tokens, prompt_tokens, vlm.n_ctx,
@@ -187,6 +188,7 @@ class WorkerPool:
         self._idle: list[Worker] = []
         self._waiting: deque[Job] = deque()
         self._service_s = 1.0  # running estimate of one request's time on a worker
+        self._in_flight = 0  # admitted requests not finished yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -242,23 +244,34 @@ class WorkerPool:
 
     # -- scheduling (event loop thread) ----------------------------------------------------------------
 
-    def submit(self, request: ChatRequest, arrived: float) -> Job:
+    def admit(self) -> None:
+        """Count a request in before its body is read: 503 while loading, 429 with Retry-After when
+        `workers + queue` requests are in flight already (being read, waiting or answered), so the
+        memory requests hold is bounded by the body cap times that number. `release()` when done."""
         if not self.ready:
             raise ApiError(503, "the model is still loading; retry when GET /health answers 200", code="model_loading",
                            headers={"Retry-After": "1"})
+        busy = len(self.workers)
+        if self._in_flight >= busy + self.settings.queue:
+            self.metrics.rejected.inc()
+            wait = max(1, math.ceil(self._service_s * (self._in_flight - busy + 1) / busy))
+            raise ApiError(429, f"all {busy} workers are busy and {self._in_flight - busy} more requests are "
+                                f"waiting; retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)})
+        self._in_flight += 1
+
+    def release(self) -> None:
+        self._in_flight -= 1
+
+    def submit(self, request: ChatRequest, arrived: float) -> Job:
+        """Start an admitted request on an idle worker (the one holding its affinity key if any) or queue it."""
         job = Job(request, asyncio.get_running_loop(), arrived)
         worker = next((w for w in self._idle if job.affinity in w.recent), None) or (
             self._idle[0] if self._idle else None)
         if worker is not None:
             self._idle.remove(worker)
             worker.give(job)
-        elif len(self._waiting) < self.settings.queue:
-            self._waiting.append(job)
         else:
-            self.metrics.rejected.inc()
-            wait = max(1, math.ceil(self._service_s * (len(self._waiting) + 1) / len(self.workers)))
-            raise ApiError(429, f"all {len(self.workers)} workers are busy and {len(self._waiting)} requests are "
-                                f"waiting; retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)})
+            self._waiting.append(job)  # admit() bounds it by the queue size
         self._gauges()
         return job
 

@@ -13,7 +13,7 @@ What is taken (OpenAI's Chat Completions names):
 * Refused with 400: what the server does not do (``n`` > 1, ``logprobs``, ``tools``, penalties,
   a JSON response format, audio...). Fields it does not know are ignored, as OpenAI does.
 
-Images are decoded here (apps/serve/images.py), before the request waits for a worker.
+Image URLs are checked and their bytes taken here (apps/serve/images.py); the worker decodes them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.runtime.sampling import sampling_params
 
-MAX_IMAGES = 8  # per request: each one costs a decode and a vision-encoder run before the queue
+MAX_IMAGES = 8  # per request: each one costs a decode and a vision-encoder run on a worker
 MAX_STOP = 16  # stop strings per request
 MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
 SYSTEM_ROLES = ("system", "developer")
@@ -79,7 +79,7 @@ class ChatRequest:
 
 
 def parse_chat_request(body: Any, policy: ImagePolicy, served_model: str) -> ChatRequest:
-    """Check the JSON body of POST /v1/chat/completions (images decoded last, the costly part);
+    """Check the JSON body of POST /v1/chat/completions (image bytes taken last, the costly part);
     ApiError for the first problem: 404 for a model other than `served_model`, else 400 or 413."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {_json_type(body)}")

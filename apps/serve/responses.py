@@ -117,6 +117,7 @@ class EventStream:
             self.disconnect.cancel()
             if not answered:
                 self.pool.cancel(self.job)
+            self.pool.release()
 
     @staticmethod
     async def _send(send, data: bytes) -> None:

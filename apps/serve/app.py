@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 
@@ -144,6 +145,24 @@ def build_app(settings: ServeSettings, *, loader: Callable[..., VLM] | None = No
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.state.pool, app.state.metrics = pool, metrics
     return app
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on (host, port) for uvicorn (``Server.run(sockets=[...])``), created with
+    proto IPPROTO_TCP: asyncio turns Nagle's algorithm off only on connections of such a socket
+    (``base_events._set_nodelay`` checks the proto), and with it on every keep-alive response
+    waited ~40 ms for a delayed ACK."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _parse(body: bytes, policy: ImagePolicy, served_model: str):

@@ -123,6 +123,9 @@ class Worker:
             params = sampling_params(answer_budget(request.max_tokens, prompt_tokens, vlm.n_ctx,
                                                    self._pool.settings.default_max_tokens),
                                      request.temperature, request.top_p, request.seed, request.stop)
+            stop_ids = vlm.backend.stop_ids
+            if request.ignore_eos:  # this worker's thread alone uses its backend: restored below
+                vlm.backend.stop_ids = frozenset()
             stream = vlm.decode(segments, params, stats, fresh=True, started=job.arrived)
             try:
                 for piece in stream:
@@ -131,6 +134,7 @@ class Worker:
                     job.emit("piece", piece)
             finally:
                 stream.close()
+                vlm.backend.stop_ids = stop_ids
         except ApiError as err:
             job.emit("error", err)
             return

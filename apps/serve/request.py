@@ -8,8 +8,10 @@ What is taken (OpenAI's Chat Completions names):
   "image_url": {"url": ...}}`` (or ``"image_url": "<url>"``, the bare form some clients send).
   One image per user turn, in any turn: the chat template places it before the turn's text, as
   ``VLM.chat()`` does. Consecutive messages of one role are one turn (texts joined by a newline).
-* ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (0..2), ``top_p``, ``seed``,
-  ``stop`` (a string or a list), ``stream``, ``stream_options.include_usage``.
+* ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (0..2, default 1 as OpenAI's),
+  ``top_p``, ``seed``, ``stop`` (a string or a list), ``stream``,
+  ``stream_options.include_usage``; and vLLM's ``ignore_eos`` (decode ``max_tokens`` tokens
+  whatever the model says: what benchmarks time).
 * Refused with 400: what the server does not do (``n`` > 1, ``logprobs``, ``tools``, penalties,
   a JSON response format, audio...). Fields it does not know are ignored, as OpenAI does.
 
@@ -61,6 +63,7 @@ class ChatRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False
 
     @property
     def images(self) -> list[RequestImage]:
@@ -99,7 +102,7 @@ def parse_chat_request(body: Any, policy: ImagePolicy, served_model: str) -> Cha
     stop = body.get("stop")
     if isinstance(stop, list) and len(stop) > MAX_STOP:
         raise bad_request(f"stop takes at most {MAX_STOP} strings, got {len(stop)}", "stop")
-    stream = _flag(body, "stream")
+    stream, ignore_eos = _flag(body, "stream"), _flag(body, "ignore_eos")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object", "stream_options")
@@ -112,7 +115,7 @@ def parse_chat_request(body: Any, policy: ImagePolicy, served_model: str) -> Cha
     params = sampling_params(1, temperature, top_p, seed, stop)
     system, turns = _turns(body.get("messages"), policy)
     return ChatRequest(model, tuple(turns), system, max_tokens, params.temperature, params.top_p, params.seed,
-                       params.stop, stream, include_usage)
+                       params.stop, stream, include_usage, ignore_eos)
 
 
 def _json_type(value: Any) -> str:

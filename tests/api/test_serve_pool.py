@@ -25,7 +25,7 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from tinyllava_edge.apps.serve.app import build_app  # noqa: E402
+from tinyllava_edge.apps.serve.app import build_app, listening_socket  # noqa: E402
 from tinyllava_edge.apps.serve.settings import ServeSettings  # noqa: E402
 
 DELAY_S = 0.02  # per token evaluated: 1000 tokens take ~20 s, far longer than any test waits
@@ -37,8 +37,9 @@ class SlowLoader:
     first and are timed (`times`: time.monotonic() of every feed), and its answers never end at
     EOS (the random miniature may choose it at any step): they run to max_tokens."""
 
-    def __init__(self, delay: float = DELAY_S, gate: threading.Event | None = None):
+    def __init__(self, delay: float = DELAY_S, gate: threading.Event | None = None, eager_eos: bool = False):
         self.delay, self.gate = delay, gate
+        self.eager_eos = eager_eos  # instead: EOS is the likeliest token at every step
         self.times: list[float] = []
         self.vlms = []
 
@@ -50,13 +51,19 @@ class SlowLoader:
         vlm = tinyllava_edge.load(path, device=device, **options)
         feed = vlm.backend.feed
 
+        eos = min(vlm.backend.stop_ids)
+
         def slow_feed(segments):
             time.sleep(self.delay)
             self.times.append(time.monotonic())
-            return feed(segments)
+            logits = feed(segments)
+            if self.eager_eos:
+                logits[eos] = logits.max() + 1.0
+            return logits
 
         vlm.backend.feed = slow_feed
-        vlm.backend.stop_ids = frozenset()
+        if not self.eager_eos:
+            vlm.backend.stop_ids = frozenset()
         self.vlms.append(vlm)
         return vlm
 
@@ -66,7 +73,7 @@ def serving(bundle, loader, **settings):
     """(base URL without /v1, app) of a server on 127.0.0.1; stopped on exit."""
     settings = ServeSettings(model=bundle, served_model_name="mini", device="cpu", threads=1, **settings)
     app = build_app(settings, loader=loader)
-    sock = socket.create_server(("127.0.0.1", 0))
+    sock = listening_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -221,6 +228,21 @@ def test_follow_up_goes_to_the_worker_holding_its_image(miniature_bundle):
         assert cached_follow >= cached_c + image_rows
         assert metric(url, "tinyllava_image_cache_hits_total") == 1  # the follow-up brings image 1 again
         assert loader.vlms[0].image_cache is loader.vlms[1].image_cache
+
+
+def test_ignore_eos_decodes_max_tokens(miniature_bundle):
+    """vLLM's ignore_eos: a model that would stop at once decodes max_tokens tokens; the next
+    request stops at EOS again (the worker's stop tokens are restored)."""
+    with serving(miniature_bundle, SlowLoader(delay=0, eager_eos=True)) as (url, _):
+        wait_ready(url)
+
+        def usage(**extra):
+            out = httpx.post(url + "/v1/chat/completions", json={**body(max_tokens=12), **extra}, timeout=60).json()
+            return out["usage"]["completion_tokens"], out["choices"][0]["finish_reason"]
+
+        assert usage() == (1, "stop")
+        assert usage(ignore_eos=True) == (12, "length")
+        assert usage() == (1, "stop")
 
 
 def test_api_key_is_required_on_v1_only(miniature_bundle):

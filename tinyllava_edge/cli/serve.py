@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -99,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(err)
     import uvicorn
 
-    from tinyllava_edge.apps.serve.app import build_app
+    from tinyllava_edge.apps.serve.app import build_app, listening_socket
     from tinyllava_edge.apps.serve.settings import API_KEY_ENV
 
     try:  # bound here, so a taken port is one error line (uvicorn would log and exit)
-        sock = socket.create_server((args.host, args.port))
+        sock = listening_socket(args.host, args.port)
     except OSError as err:
         return fail(err, f"(listening on {args.host}:{args.port})")
     failures: list[BaseException] = []

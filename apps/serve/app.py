@@ -34,7 +34,7 @@ from tinyllava_edge.apps.serve.images import ImagePolicy
 from tinyllava_edge.apps.serve.metrics import ServeMetrics
 from tinyllava_edge.apps.serve.pool import WorkerPool
 from tinyllava_edge.apps.serve.request import parse_chat_request
-from tinyllava_edge.apps.serve.responses import EventStream, Reply, next_event, wait_disconnect
+from tinyllava_edge.apps.serve.responses import EventStream, Reply, watch_disconnect
 from tinyllava_edge.apps.serve.settings import ServeSettings
 from tinyllava_edge.runtime.vlm import VLM
 
@@ -79,28 +79,27 @@ def build_app(settings: ServeSettings, *, loader: Callable[..., VLM] | None = No
         else:
             chat = _parse(body, policy, settings.served_model_name)
         job = pool.submit(chat, arrived)
-        disconnect = asyncio.ensure_future(wait_disconnect(request.receive))
-        reply = Reply(settings.served_model_name)
-        first = await next_event(job, disconnect)
-        if first is not None and first[0] == "error":
-            disconnect.cancel()
-            raise first[1]
-        if chat.stream and first is not None:
-            return EventStream(pool, job, disconnect, first, reply)
-        pieces = []
-        event = first
+        watcher = asyncio.ensure_future(watch_disconnect(request.receive, job))
+        reply = Reply(settings.served_model_name, chat.include_usage)
         try:
-            while event is not None and event[0] == "piece":
-                pieces.append(event[1])
-                event = await next_event(job, disconnect)
+            kind, value = await job.events.get()
+            if chat.stream and kind in ("piece", "done"):  # the request did not fail before its first token
+                stream = EventStream(pool, job, watcher, (kind, value), reply)
+                watcher = None  # the stream owns it now, and cancels the job if the client goes
+                return stream
+            pieces = []
+            while kind == "piece":
+                pieces.append(value)
+                kind, value = await job.events.get()
         finally:
-            disconnect.cancel()
-        if event is None:  # the client went away: stop its generation; nobody reads this answer
+            if watcher is not None:
+                watcher.cancel()
+        if kind == "gone":  # the client went away: stop its generation; nobody reads this answer
             pool.cancel(job)
             return Response(status_code=499)
-        if event[0] == "error":
-            raise event[1]
-        return JSONResponse(reply.completion("".join(pieces), event[1]))
+        if kind == "error":
+            raise value
+        return JSONResponse(reply.completion("".join(pieces), value))
 
     def model_card() -> dict:
         card = {"id": settings.served_model_name, "object": "model", "created": started, "owned_by": OWNER}

@@ -31,12 +31,17 @@ def usage(outcome: Outcome) -> dict:
 
 
 class Reply:
-    """The fields one request's answer objects share."""
+    """The fields one request's answer objects share, and its chunks as bytes."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, include_usage: bool = False):
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.model = model
         self.created = int(time.time())
+        self.include_usage = include_usage  # OpenAI: then every chunk has "usage", null until the last
+        # A content chunk is most of a stream: its bytes around the text are made once (chunk() below
+        # gives the same bytes, tests/api/test_serve_pool.py checks it).
+        head, tail = self.chunk({"content": "\0"}).split(b'"\\u0000"')
+        self._content = (head, tail)
 
     def completion(self, text: str, outcome: Outcome) -> dict:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -44,82 +49,81 @@ class Reply:
                              "logprobs": None, "finish_reason": outcome.finish_reason}],
                 "usage": usage(outcome)}
 
-    def chunk(self, delta: dict | None, finish_reason: str | None = None, usage_: dict | None = None,
-              include_usage: bool = False) -> bytes:
+    def chunk(self, delta: dict | None, finish_reason: str | None = None, usage_: dict | None = None) -> bytes:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
                                                       "finish_reason": finish_reason}]}
-        if include_usage:  # OpenAI: every chunk has "usage" (null until the last) when it was asked for
+        if self.include_usage:
             body["usage"] = usage_
         return event(body)
+
+    def content(self, text: str) -> bytes:
+        """``chunk({"content": text})``, without building the object."""
+        head, tail = self._content
+        return head + json.dumps(text, ensure_ascii=False).encode() + tail
 
 
 def event(body: dict) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def wait_disconnect(receive) -> None:
-    """Returns when the client has gone (the request body was read already)."""
+async def watch_disconnect(receive, job: Job) -> None:
+    """Puts ("gone", None) among the job's events when the client goes away (the body was read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+    job.events.put_nowait(("gone", None))
 
 
-async def next_event(job: Job, disconnect: asyncio.Task) -> tuple | None:
-    """The job's next event, or None once the client has gone."""
-    if disconnect.done():
-        return None
-    getter = asyncio.ensure_future(job.events.get())
-    await asyncio.wait({getter, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-    if getter.done():
-        return getter.result()
-    getter.cancel()
-    return None
+def more_pieces(job: Job, text: str) -> tuple[str, tuple | None]:
+    """`text` and the pieces queued behind it, joined (a client that reads slower than tokens come
+    gets them in fewer chunks), and the next event if one other than a piece is queued already."""
+    pieces = [text]
+    while not job.events.empty():
+        event_ = job.events.get_nowait()
+        if event_[0] != "piece":
+            return "".join(pieces), event_
+        pieces.append(event_[1])
+    return "".join(pieces), None
 
 
 class EventStream:
     """An ASGI response streaming one job's tokens as chunk events; `first` is the event already taken
     (the stream starts only once the request has not failed before its first token)."""
 
-    def __init__(self, pool: WorkerPool, job: Job, disconnect: asyncio.Task, first: tuple, reply: Reply):
-        self.pool, self.job, self.disconnect, self.first, self.reply = pool, job, disconnect, first, reply
+    def __init__(self, pool: WorkerPool, job: Job, watcher: asyncio.Task, first: tuple, reply: Reply):
+        self.pool, self.job, self.watcher, self.first, self.reply = pool, job, watcher, first, reply
 
     async def __call__(self, scope, receive, send) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                    (b"x-accel-buffering", b"no")]
-        include_usage = self.job.request.include_usage
-        reply = self.reply
+        reply, job = self.reply, self.job
         answered = False  # the job ended (done or error): nothing to cancel
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await self._send(send, reply.chunk({"role": "assistant", "content": ""}, include_usage=include_usage))
-            event_ = self.first
-            while event_ is not None:
-                kind, value = event_
-                if kind == "piece":
-                    await self._send(send, reply.chunk({"content": value}, include_usage=include_usage))
-                elif kind == "done":
-                    answered = True
-                    await self._send(send, reply.chunk({}, value.finish_reason, include_usage=include_usage))
-                    if include_usage:
-                        await self._send(send, reply.chunk(None, usage_=usage(value), include_usage=True))
-                    break
-                else:  # "error" after the status line went out
-                    answered = True
-                    await self._send(send, event(value.body()))
-                    break
-                event_ = await next_event(self.job, self.disconnect)
-            else:
-                return  # the client went away: finally cancels the job
+            await self._send(send, reply.chunk({"role": "assistant", "content": ""}))
+            kind, value = self.first
+            while kind == "piece":
+                text, queued = more_pieces(job, value)
+                await self._send(send, reply.content(text))
+                kind, value = queued or await job.events.get()
+            if kind == "gone":
+                return  # finally cancels the job
+            answered = True
+            if kind == "done":
+                await self._send(send, reply.chunk({}, value.finish_reason))
+                if reply.include_usage:
+                    await self._send(send, reply.chunk(None, usage_=usage(value)))
+            else:  # "error" after the status line went out
+                await self._send(send, event(value.body()))
             await send({"type": "http.response.body", "body": DONE, "more_body": False})
         except OSError:
             return  # the connection broke while writing: finally cancels the job
         finally:
-            self.disconnect.cancel()
+            self.watcher.cancel()
             if not answered:
-                self.pool.cancel(self.job)
+                self.pool.cancel(job)
             self.pool.release()
 
     @staticmethod
     async def _send(send, data: bytes) -> None:
         await send({"type": "http.response.body", "body": data, "more_body": True})
-

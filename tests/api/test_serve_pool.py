@@ -312,3 +312,12 @@ def test_cli_settings(tmp_path, miniature_bundle, monkeypatch):
                                                              "--max-image-mb", "0.5"]))
     assert settings.api_key == "sk-flag" and settings.max_image_bytes == 2**19
     assert build_parser().parse_args([]).host == "127.0.0.1"
+
+
+def test_content_chunks_are_the_general_chunk_bytes():
+    from tinyllava_edge.apps.serve.responses import Reply
+
+    for include_usage in (False, True):
+        reply = Reply('m/"é"', include_usage)
+        for text in ("", "a", 'q"uote\\', "ü ✓ \n\t\0", "\u2028 </script>"):
+            assert reply.content(text) == reply.chunk({"content": text})

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tinyllava_edge.apps.serve.errors import ApiError, bad_request
+from tinyllava_edge.apps.serve.errors import ApiError, bad_request, unknown_model
 from tinyllava_edge.apps.serve.images import ImagePolicy
 from tinyllava_edge.apps.serve.metrics import ServeMetrics
 from tinyllava_edge.apps.serve.pool import WorkerPool
@@ -113,8 +113,7 @@ def build_app(settings: ServeSettings, *, loader: Callable[..., VLM] | None = No
     async def get_model(request: Request) -> Response:
         name = request.path_params["name"]
         if name != settings.served_model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {settings.served_model_name!r}",
-                           param="model", code="model_not_found")
+            raise unknown_model(name, settings.served_model_name)
         return JSONResponse(model_card())
 
     async def health(request: Request) -> Response:

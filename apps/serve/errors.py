@@ -35,3 +35,8 @@ class ApiError(TinyLlavaError):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def unknown_model(name: str, served: str) -> ApiError:
+    return ApiError(404, f"model {name!r} does not exist; this server serves {served!r}", param="model",
+                    code="model_not_found")

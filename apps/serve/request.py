@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tinyllava_edge.apps.serve.errors import ApiError, bad_request
+from tinyllava_edge.apps.serve.errors import bad_request, unknown_model
 from tinyllava_edge.apps.serve.images import ImagePolicy, RequestImage, load_request_image
 from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
 from tinyllava_edge.errors import TinyLlavaError
@@ -90,8 +90,7 @@ def parse_chat_request(body: Any, policy: ImagePolicy, served_model: str) -> Cha
     if not isinstance(model, str) or not model:
         raise bad_request("'model' must name the served model (GET /v1/models lists it)", "model")
     if model != served_model:
-        raise ApiError(404, f"model {model!r} does not exist; this server serves {served_model!r}", param="model",
-                       code="model_not_found")
+        raise unknown_model(model, served_model)
     _refuse_unsupported(body)
     max_tokens = _max_tokens(body)
     temperature = _number(body, "temperature", 1.0)

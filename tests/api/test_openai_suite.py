@@ -12,11 +12,11 @@ import json
 import struct
 import zlib
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 MAX_TOKENS = 8

@@ -19,11 +19,12 @@ import sys
 import threading
 import time
 
-import httpx
 import pytest
 
+httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
+pytest.importorskip("prometheus_client")
 
 from tinyllava_edge.apps.serve.app import build_app, listening_socket  # noqa: E402
 from tinyllava_edge.apps.serve.settings import ServeSettings  # noqa: E402

@@ -18,9 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,10 +29,9 @@ from importlib import import_module, metadata
 from pathlib import Path
 from typing import Any
 
+from tinyllava_edge.atomic import replace_folder, staged_folder
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.registry import Registry
-
-from .manifest import (
+from tinyllava_edge.export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     file_record,
@@ -42,6 +39,7 @@ from .manifest import (
     sha256_file,
     write_manifest,
 )
+from tinyllava_edge.registry import Registry
 
 FORMATS = ("gguf", "onnx")
 BITS = (4, 8, 16, 32)  # what the command offers; 4 and 8 need the quant stage
@@ -163,7 +161,7 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
     steps.start(f"loading checkpoint {source}")
     model, tokenizer, layout = _load(source)
-    with _staged(final) as staging:
+    with staged_folder(final) as staging:
         manifest = _write_parts(model, tokenizer, staging, steps, precision, gguf=gguf, with_fp16=with_fp16,
                                 mmproj=mmproj, verify=verify, progress=progress, check_images=check_images,
                                 check_tokens=check_tokens)
@@ -178,7 +176,7 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
             "tools": _tool_versions(),
         }
         write_manifest(staging, manifest)
-        _move_into_place(staging, final)
+        replace_folder(staging, final)
         steps.done()
     return {"path": str(final), "manifest": manifest, "seconds": time.perf_counter() - started}
 
@@ -200,7 +198,7 @@ def _check_source(source: Path, gguf: bool) -> None:
     if family is not None:
         family_for(family)
         if gguf:
-            from .gguf_arch import arch_for
+            from tinyllava_edge.export.gguf_arch import arch_for
 
             arch_for(family)
 
@@ -217,7 +215,7 @@ def _write_parts(model, tokenizer, folder: Path, steps: _Steps, precision: Preci
     from tinyllava_edge.data.template import default_template_for_family, get_template
     from tinyllava_edge.model.vision import tower_for_config
 
-    from .onnx_vision import export_vision_onnx, preprocess_config
+    from tinyllava_edge.export.onnx_vision import export_vision_onnx, preprocess_config
 
     config = model.config
     template = get_template(default_template_for_family(config.text_config.model_type))
@@ -248,7 +246,7 @@ def _write_parts(model, tokenizer, folder: Path, steps: _Steps, precision: Preci
             validation["vision_onnx_fp16"] = half["validation"]
 
     if gguf:
-        from .gguf_llm import write_llm_gguf
+        from tinyllava_edge.export.gguf_llm import write_llm_gguf
 
         steps.start(f"LLM + tokenizer -> llm-{precision.gguf_type}.gguf")
         llm_path = folder / f"llm-{precision.gguf_type}.gguf"
@@ -354,7 +352,7 @@ def _check_onnx(validation: dict) -> dict:
 def _probe(llm_path: Path, model, tokenizer, template) -> dict:
     from tinyllava_edge.llamacpp import LlamaCppModel
 
-    from .checks import probe_embd_scale
+    from tinyllava_edge.export.checks import probe_embd_scale
 
     ids = list(tokenizer(template.render_prompt("What is in the picture?"))["input_ids"])
     with LlamaCppModel(llm_path, n_ctx=max(64, len(ids) + 8), n_threads=_threads(), kv_type="f32",
@@ -363,7 +361,7 @@ def _probe(llm_path: Path, model, tokenizer, template) -> dict:
 
 
 def _write_mmproj(model, folder: Path, precision: Precision) -> tuple[dict | None, str | None]:
-    from .mmproj import plan_mmproj, write_mmproj_gguf
+    from tinyllava_edge.export.mmproj import plan_mmproj, write_mmproj_gguf
 
     try:
         plan_mmproj(model)
@@ -389,7 +387,7 @@ def _verify_llm(model, tokenizer, template, folder: Path, llm_path: Path, files:
 
     from tinyllava_edge.llamacpp import LlamaCppModel
 
-    from .checks import (
+    from tinyllava_edge.export.checks import (
         compare_with_images,
         mmproj_figures,
         synthetic_images,
@@ -469,44 +467,6 @@ def _check_destination(final: Path, overwrite: bool) -> None:
         if not is_bundle(final):
             raise TinyLlavaError(f"output directory {final} is not empty and holds no bundle {MANIFEST_NAME}; "
                                  "refusing to replace it")
-
-
-def _staging_dir(final: Path) -> Path:
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    except OSError as exc:
-        raise TinyLlavaError(f"cannot write the bundle {final} ({exc.strerror or exc})") from None
-
-
-@contextmanager
-def _staged(final: Path) -> Iterator[Path]:
-    """A fresh staging folder beside `final` (see :func:`_staging_dir`), removed if the block fails;
-    the block ends by moving it into place with :func:`_move_into_place`."""
-    staging = _staging_dir(final)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _move_into_place(staging: Path, final: Path) -> None:
-    """Rename the finished bundle to `final`, replacing an empty dir or (checked before) an old bundle."""
-    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.replace(final, old / final.name)
-    try:
-        os.replace(staging, final)
-    except OSError:
-        if old is not None:  # put the previous bundle back
-            os.replace(old / final.name, final)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _source_record(source: Path, layout: str) -> dict:

@@ -32,11 +32,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tinyllava_edge.atomic import write_text
 from tinyllava_edge.errors import TinyLlavaError
 
 FORMAT_VERSION = 1
@@ -62,17 +62,7 @@ def file_record(path: Path, role: str, fmt: str, quant: str, **facts: Any) -> di
 
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
     """Write `folder/manifest.json` through a temporary name (a reader never sees half a file)."""
-    final = folder / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return final
+    return write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 def is_bundle(folder: str | os.PathLike) -> bool:

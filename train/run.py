@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tinyllava_edge.atomic import write_text
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.train.config import TrainConfig
 from tinyllava_edge.train.data import (Collator, SampleChecker, SupervisedDataset, default_image_folder,
@@ -278,7 +279,7 @@ def _prepare_output(out: Path, config: TrainConfig) -> None:
         for old in out.glob("checkpoint-*"):
             if old.is_dir():
                 shutil.rmtree(old)
-    (out / CONFIG_JSON).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_text(out / CONFIG_JSON, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def last_complete_checkpoint(out: Path) -> Path | None:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
 from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_OUT = Path("runs") / "eval"
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tinyllava_edge.eval.predictor import DEFAULT_BATCH_SIZE
 
     files = "\n".join(f"  {name:10s} {get_benchmark(name).files_help}" for name in BENCHMARKS)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tinyllava-eval",
         description="Answer a benchmark's questions with a checkpoint (greedy, batched) and score them; "
                     "writes answers.jsonl (LLaVA format), results.json and results.md.",

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
 from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_WORKDIR = Path("runs") / "tiny-shapes"
@@ -28,7 +28,7 @@ BUNDLE = "bundle"  # the 16-bit edge bundle, under the workdir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tinyllava-edge",
         description="Run the tinyllava-edge pipeline on the built-in tiny-shapes default.",
     )

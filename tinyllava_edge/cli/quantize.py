@@ -12,18 +12,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import TinyLlavaError
-from .common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
+from tinyllava_edge.errors import TinyLlavaError
 
-GGUF_CHOICES = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")  # quant/gguf.py GGUF_TYPES
-ONNX_CHOICES = ("int8", "int4", "int4-gptq")  # quant/onnx.py ONNX_SCHEMES
 TORCH_CHOICES = ("gptq",)  # written to disk; bnb nf4/fp4/int8 apply at load time (tinyllava_edge.load)
 BUNDLE_ONLY = ("quant", "onnx", "vision_default", "keep_mmproj")
 TORCH_ONLY = ("checkpoint", "data", "group_size", "samples", "seq_len")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # The choices come from the quant stage's registries (numpy is the heaviest import here).
+    from tinyllava_edge.quant.bundle import DEFAULT_QUANT
+    from tinyllava_edge.quant.gguf import GGUF_TYPES
+    from tinyllava_edge.quant.onnx import ONNX_SCHEMES
+
+    # int4-gptq needs calibration images, which only the library call takes
+    onnx_schemes = [name for name in ONNX_SCHEMES.keys() if not ONNX_SCHEMES.get(name).needs_calibration]
+    parser = ArgumentParser(
         prog="tinyllava-quantize",
         description="Requantize a bundle's LLM GGUF from its F16/F32 file with llama.cpp's quantizer into a new "
                     "bundle directory (atomic; manifest updated with types, sizes, sha256 and per-tensor types); "
@@ -34,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path,
                         help="bundle (or, with --torch, checkpoint) directory to create")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--quant", help=f"GGUF type: {', '.join(GGUF_CHOICES)} (default Q4_K_M)")
+    what.add_argument("--quant", choices=GGUF_TYPES.keys(), help=f"GGUF type (default {DEFAULT_QUANT})")
     what.add_argument("--bits", type=int, help="bundle: 8 -> Q8_0, 4 -> Q4_K_M; --torch gptq: 4 (the default)")
-    parser.add_argument("--onnx", action="append", default=[], metavar="SCHEME",
-                        help=f"add a quantized vision graph ({', '.join(ONNX_CHOICES[:2])}; repeatable)")
+    parser.add_argument("--onnx", action="append", default=[], choices=onnx_schemes,
+                        help="add a quantized vision graph (repeatable)")
     parser.add_argument("--vision-default", help="vision graph the runtime runs by default (fp32, int8, int4, ...)")
     parser.add_argument("--keep-mmproj", action="store_true", help="copy the mmproj as it is (default: Q8_0)")
     torch = parser.add_argument_group("torch checkpoints (--torch gptq)")
@@ -79,13 +84,13 @@ def _check_mode(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict:
     _check_mode(args)
     if args.torch:
-        from ..quant import torch_gptq
+        from tinyllava_edge.quant import torch_gptq
 
         options = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
                                      ("n_samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
         return torch_gptq.quantize_gptq(args.checkpoint, args.out, data=args.data, verify=not args.no_verify,
                                         overwrite=args.overwrite, progress=not args.quiet, **options)
-    from ..quant.bundle import quantize_bundle, resolve_quant
+    from tinyllava_edge.quant.bundle import quantize_bundle, resolve_quant
 
     return quantize_bundle(args.bundle, args.out, quant=resolve_quant(args.quant, args.bits), onnx=tuple(args.onnx),
                            vision_default=args.vision_default, mmproj=None if args.keep_mmproj else "Q8_0",

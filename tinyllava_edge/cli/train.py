@@ -11,10 +11,10 @@ import argparse
 import os
 import sys
 from dataclasses import MISSING, fields
-from typing import Any, NoReturn
+from typing import Any
 
-from ..errors import TinyLlavaError
-from .common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
+from tinyllava_edge.errors import TinyLlavaError
 
 EXAMPLES = """\
 examples:
@@ -32,24 +32,18 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other user error of this command.
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def _defaults() -> dict[str, Any]:
-    from ..train.config import TrainConfig
+    from tinyllava_edge.train.config import TrainConfig
 
     return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.template import TEMPLATES
-    from ..train.recipes import RECIPES, STAGES, TUNE_TYPE_KEYS
+    from tinyllava_edge.data.template import TEMPLATES
+    from tinyllava_edge.train.recipes import RECIPES, STAGES, TUNE_TYPE_KEYS
 
     d = _defaults()
-    p = _Parser(
+    p = ArgumentParser(
         prog="tinyllava-train",
         description="Train one stage of a TinyLLaVA model on LLaVA-format data, as TinyLLaVA_Factory does "
                     "(recipes base | share | custom; tune types frozen | full | partial | lora | qlora). "
@@ -127,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..train.config import TrainConfig
+    from tinyllava_edge.train.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -140,7 +134,7 @@ _RECIPE_OWN = frozenset({"model", "preset", "tokenizer", "data", "image_folder",
 
 
 def run_preset_recipe(args: argparse.Namespace) -> dict:
-    from ..train.preset_recipes import train_preset
+    from tinyllava_edge.train.preset_recipes import train_preset
 
     defaults = build_parser().parse_args(["--preset", args.preset, "--output", args.output])
     overrides = {k: v for k, v in vars(args).items()
@@ -195,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset is not None and args.data is None and args.tokenizer is None:
             print_recipe_summary(run_preset_recipe(args))
             return 0
-        from ..train import train
+        from tinyllava_edge.train import train
 
         result = train(config_from_args(args))
     except USER_ERRORS as err:

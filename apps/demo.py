@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import TinyLlavaError
-from ..runtime.devices import DEVICES
-from .uploads import file_digest, open_upload, upload_path
-from .variants import Variant, disk_size, model_card
+from tinyllava_edge.apps.uploads import file_digest, open_upload, upload_path
+from tinyllava_edge.apps.variants import Variant, disk_size, model_card
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.runtime.devices import DEVICES
 
 MAX_FILE_SIZE = "10mb"  # upload cap, enforced by Gradio's upload route
 DEFAULT_CONCURRENCY = 4  # queue workers; answers on one model are serialised by its lock anyway
@@ -55,7 +55,7 @@ class ModelPool:
         self._load_lock = threading.Lock()
 
     def get(self, name: str, device: str) -> LoadedModel:
-        from ..runtime import load
+        from tinyllava_edge.runtime import load
 
         if name not in self.variants:
             raise TinyLlavaError(f"variant {name!r} is not one of {', '.join(self.variants)}")
@@ -88,7 +88,7 @@ class DemoSession:
 
 def example_images(folder: Path, n: int = EXAMPLES, seed: int = EXAMPLE_SEED) -> list[tuple[str, str]]:
     """(png path, question) for the first `n` test-split shapes images, generated now."""
-    from ..data.shapes import generate
+    from tinyllava_edge.data.shapes import generate
 
     folder.mkdir(parents=True, exist_ok=True)
     examples, seen = [], set()
@@ -131,8 +131,9 @@ def stats_markdown(stats, variant: Variant, device: str, load_ms: float | None =
 class DemoHandlers:
     """What the page's events call; separate from the layout so tests can call it directly."""
 
-    def __init__(self, pool: ModelPool):
+    def __init__(self, pool: ModelPool, allow_truncated_images: bool = False):
         self.pool = pool
+        self.allow_truncated_images = allow_truncated_images  # the policy of data/images.py
 
     def ask(self, image, question, variant, device, max_new_tokens, temperature, top_p, seed, state):
         """Stream one answer: yields (chat messages, question box, status line, figures, state)."""
@@ -156,7 +157,7 @@ class DemoHandlers:
             if path is not None:
                 digest = file_digest(path)
                 if digest != state.image_digest or state.key != key:  # else it is in the conversation already
-                    picture = open_upload(path, image.get("orig_name") if isinstance(image, dict) else None)
+                    picture = self._open(path, image)
         except (TinyLlavaError, OSError) as err:
             yield warn(" ".join(str(err).split()))
             return
@@ -192,12 +193,16 @@ class DemoHandlers:
         try:
             path = upload_path(image)
             if path is not None:
-                open_upload(path, image.get("orig_name") if isinstance(image, dict) else None)
+                self._open(path, image)
         except TinyLlavaError as err:
             message = " ".join(str(err).split())
             gr.Warning(message)
             return f"{PROBLEM} {message}"
         return "image ready: it goes with your next question"
+
+    def _open(self, path: Path, image):
+        return open_upload(path, image.get("orig_name") if isinstance(image, dict) else None,
+                           allow_truncated=self.allow_truncated_images)
 
     def switch(self, variant, device, state):
         """A new variant or device: a new conversation, and that variant's card."""
@@ -209,12 +214,15 @@ class DemoHandlers:
 
 
 def build_app(variants: list[Variant], device: str = "auto", *, concurrency: int = DEFAULT_CONCURRENCY,
-              load_options: dict | None = None, examples_dir: Path | None = None, preload: bool = False):
+              load_options: dict | None = None, examples_dir: Path | None = None, preload: bool = False,
+              allow_truncated_images: bool = False):
     """The page (a gr.Blocks with its queue set up) for `variants`, the first selected.
 
     `load_options` go to `tinyllava_edge.load` (n_threads, n_ctx...). `preload` loads the first
-    variant now, so a wrong bundle fails here rather than at the first question. The pool is
-    `app.model_pool` (close it when done) and the example images lie in `app.examples_dir`.
+    variant now, so a wrong bundle fails here rather than at the first question. A truncated
+    upload is refused unless `allow_truncated_images` (tinyllava_edge/data/images.py). The pool
+    is `app.model_pool` (close it when done) and the example images lie in `app.examples_dir`.
+    The page sends Gradio no analytics and asks for no version check (see tinyllava_edge/offline.py).
     """
     import gradio as gr
 
@@ -225,12 +233,12 @@ def build_app(variants: list[Variant], device: str = "auto", *, concurrency: int
     pool = ModelPool(variants, load_options)
     if preload:
         pool.get(variants[0].name, device)
-    handlers = DemoHandlers(pool)
+    handlers = DemoHandlers(pool, allow_truncated_images)
     examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="tinyllava-demo-"))
     examples = example_images(examples_dir)
     first = variants[0]
 
-    with gr.Blocks(title="tinyllava-edge demo") as app:
+    with gr.Blocks(title="tinyllava-edge demo", analytics_enabled=False) as app:
         gr.Markdown("## tinyllava-edge: chat with a small vision-language model\nUpload an image (or pick an example), "
                     "ask about it, follow up. Figures below each answer come from the runtime.")
         state = gr.State(None)

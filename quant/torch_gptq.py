@@ -158,7 +158,8 @@ def calibration_samples(records: list[dict], root: Path, tokenizer, template,
             if not image.is_file():
                 raise DataError(f"calibration image {record['image']!r} of record {record.get('id', '?')!r} is not "
                                 f"in {root}")
-            pixels = preprocess([str(image)], preprocess_config)[0]
+            # a training set, read as training reads it: truncated files decoded (data/images.py)
+            pixels = preprocess([str(image)], preprocess_config, allow_truncated=True)[0]
             if IMAGE_TOKEN_INDEX not in ids:
                 ids = [IMAGE_TOKEN_INDEX] + ids  # an image record whose text lacks <image>: image first
         elif IMAGE_TOKEN_INDEX in ids:

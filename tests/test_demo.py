@@ -142,7 +142,7 @@ def test_model_card(variants_dir):
 
 
 def test_bad_uploads_one_sentence(bad_files):
-    expected = {"text": "not an image", "truncated": "truncated", "huge": "20000"}
+    expected = {"text": "cannot be read as an image", "truncated": "is truncated", "huge": "20000"}
     for kind, path in bad_files.items():
         with pytest.raises(TinyLlavaError) as err:
             open_upload(path)

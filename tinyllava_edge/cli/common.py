@@ -49,3 +49,10 @@ class ArgumentParser(argparse.ArgumentParser):
                 raise
             choices = ", ".join(str(c) for c in action.choices)
             raise argparse.ArgumentError(action, f"invalid choice: {arg_string!r} (choose from {choices})") from None
+
+
+def add_truncated_images_option(parser: argparse.ArgumentParser) -> None:
+    """`--allow-truncated-images`, the same words in every command that reads images."""
+    from tinyllava_edge.data.images import ALLOW_TRUNCATED_HELP, ALLOW_TRUNCATED_OPTION
+
+    parser.add_argument(ALLOW_TRUNCATED_OPTION, action="store_true", help=f"{ALLOW_TRUNCATED_HELP} (default: refuse)")

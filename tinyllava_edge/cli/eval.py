@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail, human_size
 from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_OUT = Path("runs") / "eval"
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="a checkpoint's torch device (cpu, cuda, cuda:1), or a "
                                                         "bundle's runtime device (auto, cpu, cuda, jetson) (%(default)s)")
     parser.add_argument("--template", help="chat template name (default: the LLM family's)")
+    add_truncated_images_option(parser)
     parser.add_argument("--score-only", action="store_true", help="score --answers without running a model")
     parser.add_argument("--answers", type=Path, help="with --score-only: a LLaVA answers .jsonl to score")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -93,17 +94,16 @@ def run(args: argparse.Namespace) -> dict:
 
     max_new_tokens = args.max_new_tokens or bench.max_new_tokens
     settings = {"batch_size": args.batch_size, "max_new_tokens": max_new_tokens, "device": args.device,
-                "template": args.template or "the LLM family's", "checkpoint": str(args.model)}
+                "template": args.template or "the LLM family's", "checkpoint": str(args.model),
+                "allow_truncated_images": args.allow_truncated_images}
 
     def load_predictor() -> TorchPredictor | RuntimePredictor:  # called after the benchmark files are checked
         kind = backend_kind(args.model)  # "edge" for a bundle, "torch" for a checkpoint
         settings["backend"] = "edge runtime (onnxruntime + llama.cpp)" if kind == "edge" else "torch"
-        if kind == "edge":
-            predictor = RuntimePredictor(args.model, batch_size=args.batch_size, device=args.device,
-                                         max_new_tokens=max_new_tokens, template=args.template)
-        else:
-            predictor = TorchPredictor(args.model, batch_size=args.batch_size, device=args.device,
-                                       max_new_tokens=max_new_tokens, template=args.template)
+        predictor_class = RuntimePredictor if kind == "edge" else TorchPredictor
+        predictor = predictor_class(args.model, batch_size=args.batch_size, device=args.device,
+                                    max_new_tokens=max_new_tokens, template=args.template,
+                                    allow_truncated_images=args.allow_truncated_images)
         settings["template"] = predictor.template.name
         return predictor
 

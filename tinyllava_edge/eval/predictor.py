@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Sequence, Union, runtime_checkable
 
-from ..constants import DEFAULT_IMAGE_TOKEN
-from ..errors import TinyLlavaError
+from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+from tinyllava_edge.errors import TinyLlavaError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -69,10 +69,11 @@ class TorchPredictor:
     """A checkpoint directory (any layout ``from_pretrained`` reads) answering in batches."""
 
     def __init__(self, checkpoint_dir: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "cpu",
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, dtype: Any = None, template: str | None = None):
-        from ..data.preprocess import PreprocessConfig
-        from ..data.template import default_template_for_family, get_template
-        from ..model import TinyLlavaForConditionalGeneration, load_tokenizer
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, dtype: Any = None, template: str | None = None,
+                 allow_truncated_images: bool = False):
+        from tinyllava_edge.data.preprocess import PreprocessConfig
+        from tinyllava_edge.data.template import default_template_for_family, get_template
+        from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer
 
         if batch_size < 1:
             raise TinyLlavaError(f"batch size must be at least 1, got {batch_size}")
@@ -93,6 +94,7 @@ class TorchPredictor:
         self.model_id = path.resolve().name
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.allow_truncated_images = allow_truncated_images  # as tinyllava_edge.load's (data/images.py)
         self._stop_ids = self._stop_token_ids()
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else self._stop_ids[0]
@@ -117,7 +119,7 @@ class TorchPredictor:
     def _batch(self, batch: list[Request]) -> list[str]:
         import torch
 
-        from ..data.preprocess import preprocess
+        from tinyllava_edge.data.preprocess import preprocess
 
         prompts = [self.template.encode(
             [{"from": "human", "value": f"{DEFAULT_IMAGE_TOKEN}\n{r.question}" if r.image is not None else r.question}],
@@ -130,7 +132,8 @@ class TorchPredictor:
         pixels = None
         if images:
             dtype = next(self.model.parameters()).dtype
-            pixels = torch.from_numpy(preprocess(images, self.preprocess_config)).to(self.device, dtype)  # (n, 3, H, W)
+            pixels = preprocess(images, self.preprocess_config, allow_truncated=self.allow_truncated_images)
+            pixels = torch.from_numpy(pixels).to(self.device, dtype)  # (n, 3, H, W)
         out = self.model.generate(
             input_ids.to(self.device), images=pixels, attention_mask=mask.to(self.device),
             max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
@@ -153,13 +156,13 @@ class RuntimePredictor:
     images through the vision encoder together, the answers one after another (one KV cache).
 
     ``device`` is the runtime's (auto, cpu, cuda, jetson); ``options`` go to ``load`` (e.g.
-    ``n_threads``, ``kv_type``). Answers are cut at the template's stop strings and stripped, as
+    ``n_threads``, ``kv_type``, ``allow_truncated_images``). Answers are cut at the template's stop strings and stripped, as
     TorchPredictor's.
     """
 
     def __init__(self, model_dir: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, template: str | None = None, **options: Any):
-        from ..runtime import load
+        from tinyllava_edge.runtime import load
 
         if batch_size < 1:
             raise TinyLlavaError(f"batch size must be at least 1, got {batch_size}")

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..data.preprocess import PreprocessConfig, preprocess
-from ..errors import TinyLlavaError
+from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
+from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_CACHE_SIZE = 32  # images' embeddings kept (a 728 x 896 float32 image is ~2.6 MB)
 
@@ -30,12 +30,13 @@ class PreparedImage:
     key: str  # blake2b of the pixels and their shape
 
 
-def prepare_image(image, config: PreprocessConfig) -> PreparedImage:
-    """Preprocess one image (raises TinyLlavaError for a missing or unreadable one)."""
+def prepare_image(image, config: PreprocessConfig, allow_truncated: bool = False) -> PreparedImage:
+    """Preprocess one image (raises TinyLlavaError for a missing or unreadable one, and for a
+    truncated one unless `allow_truncated`: tinyllava_edge/data/images.py)."""
     if not isinstance(image, (str, os.PathLike, Image.Image, np.ndarray)):
         raise TinyLlavaError(f"an image must be a path, a PIL image or a numpy array (H, W, 3) uint8, got "
                              f"{type(image).__name__}")
-    pixels = preprocess(image, config)[0]
+    pixels = preprocess(image, config, allow_truncated=allow_truncated)[0]
     digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
     digest.update(repr(pixels.shape).encode())
     return PreparedImage(pixels, digest.hexdigest())

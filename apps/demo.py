@@ -201,6 +201,7 @@ class DemoHandlers:
         return "image ready: it goes with your next question"
 
     def _open(self, path: Path, image):
+        """The uploaded file decoded, under the demo's policy for truncated images."""
         return open_upload(path, image.get("orig_name") if isinstance(image, dict) else None,
                            allow_truncated=self.allow_truncated_images)
 

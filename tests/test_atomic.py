@@ -115,13 +115,13 @@ def test_a_folder_that_cannot_be_written_is_one_sentence(tmp_path):
 @pytest.mark.parametrize("mask", UMASKS, ids=lambda m: f"umask-{m:03o}")
 def test_a_checkpoint_and_its_reports_take_the_umask_mode(tmp_path, mask, one_thread):
     """config.json and model.safetensors as the tokenizer files beside them (they were 0600)."""
-    from tinyllava_edge.model import load_tokenizer
+    from tinyllava_edge.model import load_tokenizer, save_tokenizer
     from tinyllava_edge.testing.checkpoints import build_miniature
     from tinyllava_edge.train.report import plot_loss, write_summary
 
     with umask(mask):
         ckpt = build_miniature("TinyLLaVA-Qwen2-0.5B-SigLIP", tmp_path / "ckpt")
-        load_tokenizer(ckpt).save_pretrained(tmp_path / "ckpt")
+        save_tokenizer(load_tokenizer(ckpt), ckpt)  # as training saves it: tokenizer.json rewritten for 4.x
         write_summary({"steps": 1}, ckpt / "train_summary.json")
         plot_loss([(1, 2.0), (2, 1.0)], ckpt / "loss.png", "loss")
     assert {"config.json", "model.safetensors", "tokenizer.json", "train_summary.json", "loss.png"} <= \

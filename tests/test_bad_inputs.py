@@ -11,7 +11,7 @@ its F32 bundle, built once for the module). Three ways a user meets an error, th
 Image modes the loader should accept (CMYK, LA, P, 16-bit grey, animated GIF, EXIF-rotated
 JPEG, 1x1) are in the corpus too, each checked on pixels. So is one behaviour for the same input
 everywhere: a bad option value, a truncated image (refused by the API, tinyllava-chat,
-tinyllava-eval and the demo with the same sentence, accepted by each only when allowed; training
+tinyllava-eval, the demo and the server with the same sentence, accepted by each only when allowed; training
 reads it as TinyLLaVA_Factory does), no network lookup for a missing folder, and the modes of
 written files.
 """
@@ -626,11 +626,38 @@ def _(c):
     assert open_upload(_truncated(c), allow_truncated=True).size == (64, 64)
 
 
+def _server_image(path: Path, allow_truncated: bool = False):
+    """A request image as tinyllava-serve receives it (a data: URI), under its image policy."""
+    import base64
+
+    pytest.importorskip("starlette")
+    from tinyllava_edge.apps.serve.images import ImagePolicy, load_request_image
+
+    policy = ImagePolicy(max_image_bytes=2**20, max_image_pixels=2**20, allow_truncated=allow_truncated)
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return load_request_image(url, policy, "messages[0].content[1].image_url")
+
+
+@case("image/server-truncated-refused")
+def _(c):
+    from tinyllava_edge.apps.serve.errors import ApiError
+
+    image = _server_image(_truncated(c))
+    message = c.api(image.decode, TRUNCATED.format(r"messages\[0\]\.content\[1\]\.image_url"), kind=ApiError)
+    assert "--allow-truncated-images" in message
+
+
+@case("image/server-truncated-allowed")
+def _(c):
+    assert _server_image(_truncated(c), allow_truncated=True).decode().size == (64, 64)
+
+
 @case("image/one-refusal-everywhere")
 def _(c):
     path = _truncated(c)
     said = [c.api(lambda: c.vlm.generate(path, "What?", max_new_tokens=1), "is truncated"),
             c.upload(path, "is truncated"),
+            c.api(_server_image(path).decode, "is truncated"),
             c.cli(_chat, ["--model", c.bundle, "--device", "cpu", "--image", path, "--prompt", "hi"],
                   "is truncated").removeprefix("error: ")]
     assert len({re.sub(r"'[^']*'", "IMAGE", message) for message in said}) == 1, said
@@ -667,6 +694,14 @@ def _(c):
 def _(c):
     c.cli(_train, ["--model", c.ckpt, "--output", c.tmp / "run", "--learning-rate", 1],
           r"unrecognized arguments: --learning-rate 1 \(see tinyllava-train --help\)")
+
+
+@case("cli/serve-bad-device")
+def _(c):
+    def serve(argv):
+        from tinyllava_edge.cli.serve import main
+        return main(argv)
+    c.cli(serve, ["--model", c.bundle, "--device", "tpu"], r"argument --device: invalid choice: 'tpu' .*jetson")
 
 
 @case("cli/quantize-missing-out")

@@ -32,7 +32,8 @@ def test_help(name, capsys):
 REQUIRED = {"tinyllava-bench": ["speed", "--model", "m"], "tinyllava-chat": ["--model", "m"],
             "tinyllava-data": ["--out", "d"], "tinyllava-demo": [], "tinyllava-edge": [],
             "tinyllava-eval": ["--benchmark", "shapes"], "tinyllava-export": ["--model", "m", "--out", "o"],
-            "tinyllava-quantize": ["--out", "o"], "tinyllava-train": ["--preset", "p", "--output", "o"]}
+            "tinyllava-quantize": ["--out", "o"], "tinyllava-serve": [],
+            "tinyllava-train": ["--preset", "p", "--output", "o"]}
 # (command, argv, what the one line must name). Each command is here with an unknown option; those
 # with required options, choices or typed values with those too.
 BAD_OPTIONS = [
@@ -63,6 +64,9 @@ BAD_OPTIONS = [
     ("tinyllava-quantize", ["--out", "o", "--onnx", "int2"], ["--onnx", "'int2'", "int4", "int8"]),
     ("tinyllava-quantize", ["--out", "o", "--quant", "Q8_0", "--bits", "4"], ["--bits", "not allowed with", "--quant"]),
     ("tinyllava-quantize", ["--out", "o", "--torch", "awq"], ["--torch", "'awq'", "gptq"]),
+    ("tinyllava-serve", ["--device", "tpu"], ["--device", "'tpu'", "auto", "cpu", "cuda", "jetson"]),
+    ("tinyllava-serve", ["--workers", "two"], ["--workers", "invalid int value: 'two'"]),
+    ("tinyllava-serve", ["--log-level", "loud"], ["--log-level", "'loud'", "debug", "warning"]),
     ("tinyllava-train", ["--output", "o"], ["one of the arguments --model --preset is required"]),
     ("tinyllava-train", ["--preset", "p"], ["required: --output"]),
     ("tinyllava-train", ["--preset", "p", "--output", "o", "--stage", "zz"], ["--stage", "pretrain", "finetune"]),

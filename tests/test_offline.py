@@ -1,7 +1,8 @@
 """Nothing at run time reaches a network unless the user named a hub repository
 (tinyllava_edge/offline.py lists the paths and how each is stopped).
 
-The stack runs in a child process with a socket guard (tinyllava_edge/testing/network.py) and
+The stack (imports, export, a training step, answers from a bundle and a checkpoint, 4-bit too,
+the demo and the HTTP server) runs in a child process with a socket guard (tinyllava_edge/testing/network.py) and
 without HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / GRADIO_ANALYTICS_ENABLED, which the rest of the
 suite sets: what is checked is that the code keeps to itself, not that offline mode hides it.
 """
@@ -90,6 +91,36 @@ assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).status ==
 app.close()
 app.model_pool.close()
 steps.append("served the demo")
+
+import threading, time
+
+import uvicorn
+
+from tinyllava_edge.apps.serve.app import build_app as build_server, listening_socket
+from tinyllava_edge.apps.serve.settings import ServeSettings
+
+server_app = build_server(ServeSettings(model=bundle, served_model_name="mini", device="cpu", threads=1))
+sock = listening_socket("127.0.0.1", 0)
+server = uvicorn.Server(uvicorn.Config(server_app, log_level="warning"))
+thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+thread.start()
+url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+deadline = time.monotonic() + 120
+while True:
+    try:
+        if urllib.request.urlopen(url + "/health", timeout=10).status == 200:
+            break
+    except OSError:  # 503 while the workers load
+        pass
+    assert time.monotonic() < deadline, "the server did not get ready"
+    time.sleep(0.2)
+request = urllib.request.Request(url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": "mini", "max_tokens": 2, "messages": [
+                                     {"role": "user", "content": "What shape is it?"}]}).encode())
+assert urllib.request.urlopen(request, timeout=60).status == 200
+server.should_exit = True
+thread.join(30)
+steps.append("served the API")
 """
 
 WITHOUT_THE_HOOK = """
@@ -141,10 +172,11 @@ def test_the_stack_reaches_no_network(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("gradio")
     pytest.importorskip("bitsandbytes")
+    pytest.importorskip("uvicorn")
     report = _guarded_run(tmp_path, THE_STACK, timeout=900)
     assert report["attempts"] == [], report["attempts"]
     assert report["steps"] == ["imported", "exported", "trained", "answered", "refused a missing tokenizer folder",
-                               "served the demo"], report["stderr"][-3000:]
+                               "served the demo", "served the API"], report["stderr"][-3000:]
     assert report["returncode"] == 0, report["stderr"][-3000:]
 
 

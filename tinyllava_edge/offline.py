@@ -3,7 +3,7 @@
 Every path found where a library of the stack goes online on its own, and how it is stopped
 here, deliberately (not by HF_HUB_OFFLINE, which users need not set). tests/test_offline.py runs
 the stack with a socket guard and no offline variables: importing it, training a step, exporting,
-loading a bundle and a checkpoint (4-bit too), serving the demo.
+loading a bundle and a checkpoint (4-bit too), serving the demo and the HTTP API.
 
 * bitsandbytes (0.49+), when imported on a CPU with AVX512-BF16, asks the ``kernels`` package
   (installed with transformers 5) for ``kernels-community/quantization-bitsandbytes`` from the
@@ -17,7 +17,8 @@ loading a bundle and a checkpoint (4-bit too), serving the demo.
   up online: ``load_tokenizer`` refuses a missing folder and reads with ``local_files_only``
   (model/tokenizer.py).
 
-torch, onnxruntime, llama.cpp, peft and accelerate were not seen to reach out.
+torch, onnxruntime, llama.cpp, peft, accelerate and the server's Starlette + uvicorn were not seen
+to reach out (tinyllava-serve fetches no image URLs either: apps/serve/images.py).
 """
 
 from __future__ import annotations

@@ -27,14 +27,14 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import contextmanager
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from tinyllava_edge.errors import TinyLlavaError
 
-ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
+ImageInput = Union[str, "os.PathLike[str]", BinaryIO, Image.Image, np.ndarray]
 
 # The option's names and what it does, for every entry point's help (one source).
 ALLOW_TRUNCATED_KEYWORD = "allow_truncated_images"
@@ -52,7 +52,8 @@ _NOT_AN_IMAGE = "not a format PIL reads (PNG, JPEG, WebP, GIF, BMP, TIFF...)"
 
 def load_image(image: ImageInput, exif_transpose: bool = True, *, allow_truncated: bool = False,
                name: str | None = None) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or a uint8 array (H, W), (H, W, 3) or (H, W, 4).
+    """An RGB PIL image from a path, a binary file (the server's request bodies), a PIL image or a
+    uint8 array (H, W), (H, W, 3) or (H, W, 4).
 
     Other modes become RGB with PIL's ``convert("RGB")``, as Factory's loaders do. EXIF
     orientation is applied unless ``exif_transpose`` is False. A truncated file is refused unless
@@ -62,6 +63,8 @@ def load_image(image: ImageInput, exif_transpose: bool = True, *, allow_truncate
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         img = _decode(lambda: _read(path), name or path, allow_truncated)
+    elif hasattr(image, "read") and hasattr(image, "seek"):
+        img = _decode(lambda: _read(image), name or "the image", allow_truncated)
     elif isinstance(image, Image.Image):
         # A lazily opened file is decoded here, under the same policy as a path.
         img = _decode(lambda: _loaded(image), name or getattr(image, "filename", "") or "the image",
@@ -118,8 +121,10 @@ def _reason(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _read(path: str) -> Image.Image:
-    with Image.open(path) as img:
+def _read(source) -> Image.Image:
+    if not isinstance(source, str):
+        source.seek(0)  # a binary file is read again for the lenient retry
+    with Image.open(source) as img:
         img.load()
         return img.copy()  # detached from the file; keeps `info` (EXIF) for exif_transpose
 

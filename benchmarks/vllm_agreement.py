@@ -7,7 +7,10 @@ The server serves the checkpoint's `tinyllava-export --format hf` folder (script
 starts it). `--n` questions are drawn (seeded) from the data's test split, whose colour x shape
 pairs training never saw. Each is asked through the OpenAI chat API (image as a data URL,
 temperature 0) and through `tinyllava_edge.load(--model)` (fp32 torch, greedy); the answers are
-compared as strings, and each against the truth. Every difference is listed with both answers.
+compared as strings with surrounding whitespace stripped (the runtime strips the leading space the
+model generates after "ASSISTANT:", vLLM returns it), and each against the truth. Every difference
+is listed with both answers and whether the tokens differ; with `--hf`, vLLM's prompt ids are
+compared with the runtime's too.
 Speed, same machine, one request at a time: decode tokens per second of our runtime and of vLLM
 (whole request wall time, the HTTP round trip included), then vLLM with `--concurrency` requests
 in flight (its continuous batching) on another sample of the split. Exits 1 when agreement is under `--floor` percent.
@@ -141,6 +144,9 @@ def main() -> int:
     figures = {
         "questions": n,
         "agreement_percent": 100.0 * (n - len(differences)) / n,
+        # the runtime strips the answer's leading whitespace (as Factory's eval does); vLLM returns the
+        # space the model generates after "ASSISTANT:" (" cross"), so raw strings rarely match
+        "raw_strings_equal": sum(a == b["text"] for a, b in zip(ours, theirs)),
         "token_agreement_percent": 100.0 * (n - sum(d["cause"] == "different tokens" for d in differences)) / n,
         "prompt_ids_differ": prompt_mismatch if image_id is not None else None,
         "accuracy_ours_percent": 100.0 * sum(exact_match_text(a) == exact_match_text(it["truth"])

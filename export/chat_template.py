@@ -72,6 +72,19 @@ def jinja_chat_template(template: Template, *, openai_messages: bool = False, bo
         ))
         system = ("{%- if head.n > 0 -%}{%- set s = head.texts | join('\\n') | trim -%}"
                   f"{{{{ (s + {jinja_literal(separator)}) if s else '' }}}}{{%- else -%}}{system}{{%- endif -%}}")
+        # refused as tinyllava-serve refuses them (raise_exception: transformers' and vLLM's renderers)
+        checks = (
+            "{%- for message in messages -%}"
+            "{%- if message['role'] not in ['system', 'developer', 'user', 'assistant'] -%}"
+            "{{ raise_exception('a message has role ' + message['role'] + '; the model takes system, developer, "
+            "user and assistant messages') }}"
+            "{%- elif loop.index0 >= first and message['role'] in ['system', 'developer'] -%}"
+            "{{ raise_exception('a ' + message['role'] + ' message comes after the conversation began; put it "
+            "first') }}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
+        head += checks
         content = "{%- set q = message['content'] -%}" + _flatten_parts("q")
         answer_content = content + "{%- set a = q -%}"
         answer = "a"

@@ -216,11 +216,9 @@ def test_openai_messages_render_as_the_template(messages, system):
     # as tinyllava-serve renders them: parts flattened (image first), system messages replace the prompt
     from dataclasses import replace
 
-    from jinja2 import Environment
-
     template = get_template("llama")
-    jinja = Environment(trim_blocks=True, lstrip_blocks=True).from_string(
-        jinja_chat_template(template, openai_messages=True, bos="<s>", after_image=" "))
+    jinja = _environment().from_string(jinja_chat_template(template, openai_messages=True, bos="<s>",
+                                                           after_image=" "))
     rendered = jinja.render(messages=messages, add_generation_prompt=True)
     turns = [m for m in messages if m["role"] in ("user", "assistant")]
     llava = [{"from": "human" if m["role"] == "user" else "gpt",
@@ -231,3 +229,27 @@ def test_openai_messages_render_as_the_template(messages, system):
         template = replace(template, system=system)
     want = template.render_prompt(llava).replace("<image>", "<image> ")
     assert rendered == "<s>" + want
+
+
+def _environment():
+    """A Jinja environment as transformers' chat-template renderer sets it up."""
+    from jinja2 import Environment, TemplateError
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "tool", "content": "x"}, {"role": "user", "content": "Hello"}], "has role tool"),
+    ([{"role": "user", "content": "Hello"}, {"role": "system", "content": "late"}], "after the conversation began"),
+])
+def test_openai_messages_refused_as_the_server_refuses_them(messages, match):
+    from jinja2 import TemplateError
+
+    jinja = _environment().from_string(jinja_chat_template(get_template("llama"), openai_messages=True))
+    with pytest.raises(TemplateError, match=match):
+        jinja.render(messages=messages, add_generation_prompt=True)

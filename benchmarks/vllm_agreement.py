@@ -11,9 +11,13 @@ compared as strings with surrounding whitespace stripped (the runtime strips the
 model generates after "ASSISTANT:", vLLM returns it), and each against the truth. Every difference
 is listed with both answers and whether the tokens differ; with `--hf`, vLLM's prompt ids are
 compared with the runtime's too.
-Speed, same machine, one request at a time: decode tokens per second of our runtime and of vLLM
-(whole request wall time, the HTTP round trip included), then vLLM with `--concurrency` requests
-in flight (its continuous batching) on another sample of the split. Exits 1 when agreement is under `--floor` percent.
+Speed, same machine, on `--decode-prompts` of those questions: every answer decoded to
+`--decode-tokens` tokens whatever the model says (EOS ignored, llama-bench's convention, as
+tinyllava-bench does: the model's answers are two or three tokens, too few to time). Decode tokens
+per second, one request at a time: our runtime on the checkpoint (torch fp32) and on `--bundle`
+(llama.cpp), first token to last, and vLLM over the API (see :func:`decode_vllm`); then vLLM's aggregate with
+`--concurrency` requests in flight (its continuous batching). Exits 1 when agreement is under
+`--floor` percent.
 """
 
 from __future__ import annotations
@@ -49,31 +53,65 @@ def held_out_questions(data: Path, n: int, seed: int = 0) -> list[dict]:
 
 
 def ask_vllm(client, model: str, item: dict, max_tokens: int) -> dict:
-    """One chat request with the image as a data URL: answer, token ids (prompt and answer), seconds."""
+    """One greedy chat request with the image as a data URL: answer and token ids (prompt and answer)."""
     url = "data:image/png;base64," + base64.b64encode(Path(item["image"]).read_bytes()).decode()
-    started = time.perf_counter()
     reply = client.chat.completions.create(
         model=model, temperature=0, max_tokens=max_tokens, extra_body={"return_token_ids": True},
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                {"type": "text", "text": item["question"]}]}])
     choice = reply.choices[0]
-    return {"text": choice.message.content or "", "tokens": reply.usage.completion_tokens,
-            "token_ids": getattr(choice, "token_ids", None), "prompt_ids": getattr(reply, "prompt_token_ids", None),
-            "seconds": time.perf_counter() - started}
+    return {"text": choice.message.content or "", "token_ids": getattr(choice, "token_ids", None),
+            "prompt_ids": getattr(reply, "prompt_token_ids", None)}
 
 
-def run_ours(path: Path, items: list[dict], max_tokens: int) -> tuple[list[str], float]:
-    """Our runtime's greedy answers to `items` and its generated tokens per second over whole requests."""
+def answers_ours(path: Path, items: list[dict], max_tokens: int) -> list[str]:
+    """Our runtime's greedy answers to `items` (stopping at EOS)."""
     import tinyllava_edge
 
     vlm = tinyllava_edge.load(path, device="cpu")
-    answers, tokens, seconds = [], 0, 0.0
+    return [vlm.generate(item["image"], item["question"], max_new_tokens=max_tokens) for item in items]
+
+
+def decode_ours(path: Path, items: list[dict], n_tokens: int) -> float:
+    """Our runtime's decode tokens per second, first token to last, `n_tokens` per answer, EOS ignored."""
+    import tinyllava_edge
+
+    vlm = tinyllava_edge.load(path, device="cpu")
+    vlm.backend.stop_ids = frozenset()  # as tinyllava_edge/bench/worker.py times it
+    vlm.generate(items[0]["image"], items[0]["question"], max_new_tokens=n_tokens)  # warm-up
+    tokens = seconds = 0.0
     for item in items:
-        text, stats = vlm.generate(item["image"], item["question"], max_new_tokens=max_tokens, return_stats=True)
-        answers.append(text)
-        tokens += stats.decode_tokens
-        seconds += stats.total_ms / 1e3
-    return answers, tokens / seconds
+        _, stats = vlm.generate(item["image"], item["question"], max_new_tokens=n_tokens, return_stats=True)
+        tokens += stats.decode_tokens - 1  # the first token ends the prefill
+        seconds += stats.decode_ms / 1e3
+    return tokens / seconds
+
+
+def decode_vllm(client, model: str, items: list[dict], n_tokens: int, concurrency: int) -> tuple[float, float]:
+    """vLLM's decode tokens per second one request at a time, and its generated tokens per second with
+    `concurrency` requests in flight (wall time), EOS ignored. One at a time, each prompt is sent for
+    1 token and for `n_tokens` (after a first request that puts it in the prefix cache, so both
+    prefill alike): the difference is `n_tokens` - 1 decode steps."""
+    def request(item: dict, max_tokens: int) -> float:
+        url = "data:image/png;base64," + base64.b64encode(Path(item["image"]).read_bytes()).decode()
+        started = time.perf_counter()
+        reply = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=max_tokens, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                   {"type": "text", "text": item["question"]}]}])
+        if reply.usage.completion_tokens != max_tokens:
+            raise RuntimeError(f"vLLM generated {reply.usage.completion_tokens} tokens, not {max_tokens}")
+        return time.perf_counter() - started
+
+    seconds = 0.0
+    for item in items:
+        request(item, 1)
+        seconds += request(item, n_tokens) - request(item, 1)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda it: request(it, n_tokens), items))
+    concurrent = n_tokens * len(items) / (time.perf_counter() - started)
+    return (n_tokens - 1) * len(items) / seconds, concurrent
 
 
 def prompt_ids_of(model: Path):
@@ -102,6 +140,8 @@ def main() -> int:
     parser.add_argument("--api-key", default=os.environ.get("TINYLLAVA_API_KEY", "none"))
     parser.add_argument("--n", type=int, default=DEFAULT_N, help="questions (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="per answer (default: %(default)s)")
+    parser.add_argument("--decode-prompts", type=int, default=16, help="questions timed (default: %(default)s)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens per timed answer (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight for vLLM's batched figure")
     parser.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="agreement percent required")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -115,15 +155,14 @@ def main() -> int:
 
     items = held_out_questions(args.data, args.n)
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=600)
-    ours, ours_rate = run_ours(args.model, items, args.max_tokens)
-    edge = run_ours(args.bundle, items, args.max_tokens) if args.bundle is not None else None
+    ours = answers_ours(args.model, items, args.max_tokens)
+    edge = answers_ours(args.bundle, items, args.max_tokens) if args.bundle is not None else None
     theirs = [ask_vllm(client, args.served_model, item, args.max_tokens) for item in items]
-    # other questions for the batched pass, so that it does not reuse the cache of the first
-    fresh = held_out_questions(args.data, args.n, seed=1)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        batched = list(pool.map(lambda it: ask_vllm(client, args.served_model, it, args.max_tokens), fresh))
-    batched_s = time.perf_counter() - started
+    timed = items[:args.decode_prompts]
+    speed = {"ours_checkpoint": decode_ours(args.model, timed, args.decode_tokens),
+             "ours_bundle": decode_ours(args.bundle, timed, args.decode_tokens) if args.bundle else None}
+    speed["vllm"], speed["vllm_concurrent"] = decode_vllm(client, args.served_model, timed, args.decode_tokens,
+                                                          args.concurrency)
 
     tokenizer = load_tokenizer(args.model)
     image_id = json.loads((args.hf / "config.json").read_text())["image_token_index"] if args.hf else None
@@ -153,18 +192,14 @@ def main() -> int:
                                              for a, it in zip(ours, items)) / n,
         "accuracy_vllm_percent": 100.0 * sum(exact_match_text(b["text"]) == exact_match_text(it["truth"])
                                              for b, it in zip(theirs, items)) / n,
-        "ours_tokens_per_s": ours_rate,
-        "edge_bundle_tokens_per_s": edge[1] if edge else None,
-        "edge_bundle_agreement_percent": 100.0 * sum(e.strip() == b["text"].strip() for e, b in zip(edge[0], theirs)) / n
+        "edge_bundle_agreement_percent": 100.0 * sum(e.strip() == b["text"].strip() for e, b in zip(edge, theirs)) / n
         if edge else None,
-        "vllm_tokens_per_s": sum(b["tokens"] for b in theirs) / sum(b["seconds"] for b in theirs),
-        "vllm_tokens_per_s_concurrent": sum(b["tokens"] for b in batched) / batched_s,
+        "decode_tokens_per_s": speed,
+        "decode_tokens": args.decode_tokens,
+        "decode_prompts": len(timed),
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "differences": differences,
-        "note": "ours: tinyllava_edge.load(checkpoint) fp32 torch (edge: the bundle), one request at a time, "
-                "generation time; vllm: OpenAI chat requests, wall time per request (HTTP and image upload "
-                "included)",
     }
     print(f"agreement: {figures['agreement_percent']:.1f} % of {n} held-out questions "
           f"({len(differences)} differ); accuracy ours {figures['accuracy_ours_percent']:.1f} %, "
@@ -174,10 +209,10 @@ def main() -> int:
               f"({d['cause']})")
     if figures["prompt_ids_differ"]:
         print(f"  vLLM's prompt ids differ from the runtime's on {figures['prompt_ids_differ']} questions")
-    edge_rate = f", edge bundle {figures['edge_bundle_tokens_per_s']:.1f}" if edge else ""
-    print(f"generated tok/s over whole requests, one at a time: ours (torch fp32) {figures['ours_tokens_per_s']:.1f}"
-          f"{edge_rate}, vLLM {figures['vllm_tokens_per_s']:.1f}; vLLM with {args.concurrency} in flight "
-          f"{figures['vllm_tokens_per_s_concurrent']:.1f}")
+    edge_rate = f", edge bundle {speed['ours_bundle']:.1f}" if edge else ""
+    print(f"decode tok/s ({args.decode_tokens} tokens x {len(timed)} prompts, one at a time): runtime on the "
+          f"checkpoint {speed['ours_checkpoint']:.1f}{edge_rate}, vLLM {speed['vllm']:.1f}; vLLM with "
+          f"{args.concurrency} in flight {speed['vllm_concurrent']:.1f} (aggregate)")
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     return 0 if figures["agreement_percent"] >= args.floor else 1

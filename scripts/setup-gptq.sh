@@ -1,35 +1,22 @@
 #!/usr/bin/env bash
-# Create .venv-gptq once: the project with the torch, gptq and dev extras, plus GPTQModel 7.7.0.
-# Its own environment because gptqmodel declares torch>=2.14.1: a plain install replaces the CPU
-# torch with a ~3 GB CUDA build, although it quantizes and runs on torch 2.13 CPU. So torch is
-# installed first (TORCH_SPEC, as in setup.sh), then the `gptq` extra (gptqmodel's dependencies,
-# pyproject.toml), then gptqmodel itself with --no-deps. The default .venv never holds it.
-# Idempotent: it re-installs only when pyproject.toml or this script changed.
+# Create .venv-gptq once: the project with the torch, gptq and dev extras, plus GPTQModel 7.7.0, at
+# the exact versions of locks/venv-gptq.txt (`--latest`: anew from the ranges, lock rewritten;
+# scripts/lib-env.sh). Its own environment because gptqmodel declares torch>=2.14.1: a plain
+# install replaces the CPU torch with a ~3 GB CUDA build, although it quantizes and runs on torch
+# 2.13 CPU. So torch is installed first (TORCH_SPEC), then the `gptq` extra (gptqmodel's
+# dependencies, pyproject.toml), then gptqmodel itself with --no-deps. The default .venv never
+# holds it. Idempotent: it re-installs only when the lock, pyproject.toml or these scripts changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-PYTHON=${PYTHON:-python3}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+source scripts/lib-env.sh
 GPTQMODEL_SPEC=gptqmodel==7.7.0
 
-[ -x .venv-gptq/bin/python ] || "$PYTHON" -m venv .venv-gptq
-stamp=.venv-gptq/.tinyllava-edge-setup
-want=$(cat pyproject.toml scripts/setup-gptq.sh | sha256sum | cut -c1-16)
-if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+if env_begin .venv-gptq locks/venv-gptq.txt scripts/setup-gptq.sh; then
     echo "setup-gptq: installing into .venv-gptq"
-    pip=(.venv-gptq/bin/python -m pip install -q --disable-pip-version-check)
-    "${pip[@]}" --upgrade pip
-    "${pip[@]}" "$TORCH_SPEC"
-    "${pip[@]}" -e ".[torch,gptq,dev]"
-    "${pip[@]}" --no-deps "$GPTQMODEL_SPEC"
-    # the torch it runs on must still be the one asked for (a dependency must not have replaced it)
-    .venv-gptq/bin/python - "$TORCH_SPEC" <<'PY'
-import sys
-from importlib.metadata import version
-
-want, have = sys.argv[1].partition("==")[2], version("torch")
-if want and not have.startswith(want):
-    sys.exit(f"setup-gptq: torch {have} was installed instead of {want}")
-PY
-    echo "$want" > "$stamp"
+    env_pip --upgrade pip setuptools wheel
+    env_pip "$TORCH_SPEC"
+    env_pip -e ".[torch,gptq,dev]"
+    env_pip --no-deps "$GPTQMODEL_SPEC"
+    env_check_torch
+    env_end
 fi

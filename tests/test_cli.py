@@ -26,11 +26,13 @@ def test_help(name, capsys):
     assert out.startswith("usage:") and name in out
 
 
-def test_pipeline_runs_and_reuses_its_stages(tmp_path):
+def test_pipeline_runs_and_reuses_its_stages(tmp_path, capsys):
     from tinyllava_edge.cli.pipeline import main
 
     work = tmp_path / "work"
     assert main(["--workdir", str(work), "--questions", "2", "--quick", "--no-demo"]) == 0
+    out = capsys.readouterr().out  # it ends with how to start the demo and the API server
+    assert f"tinyllava-demo --model {work / 'bundle'}" in out and f"tinyllava-serve --model {work / 'bundle'}" in out
     for part in ("data/meta.json", "tokenizer/tokenizer.json", "model/config.json", "model/model.safetensors",
                  "eval/results.json", "recipe_summary.json", "bundle/manifest.json", "bundle/llm-F16.gguf"):
         assert (work / part).is_file(), part

@@ -284,3 +284,59 @@ def test_batched_generate_equals_one_row_at_a_time():
     two = model.generate(_ids(long), images=images[1:], max_new_tokens=4, do_sample=False)
     assert batch[0].tolist() == one[0].tolist()
     assert batch[1].tolist() == two[0].tolist()
+
+
+def test_auto_classes_pass_every_option_through(tmp_path):
+    model = random_model(miniature_config("llama", "siglip", VOCAB))
+    model.save_pretrained(tmp_path / "sub")
+    # hub download options have nothing to fetch for a local folder; subfolder and dtype are honoured
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path, subfolder="sub", force_download=True, proxies={"http": "127.0.0.1:9"}, revision="main",
+        cache_dir=str(tmp_path / "cache"), token=None, dtype=torch.bfloat16, output_loading_info=True,
+        device_map={"": "cpu"}, attn_implementation="eager",
+    )
+    assert isinstance(loaded, TinyLlavaForConditionalGeneration)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    assert loaded.language_model.config._attn_implementation == "eager"
+    assert not (tmp_path / "cache").exists()
+    auto = TinyLlavaForConditionalGeneration.from_pretrained(tmp_path / "sub", dtype="auto")
+    assert next(auto.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"quantization_config": {"load_in_4bit": True}}, "quantization='nf4'"),
+    ({"gguf_file": "x.gguf"}, "GGUF bundle"),
+    ({"use_safetensors": False}, "only safetensors"),
+    ({"device_map": {"language_model": "cpu", "vision_tower": "cpu"}}, "per-module map"),
+    ({"tp_plan": "auto"}, "tensor parallelism"),
+])
+def test_from_pretrained_refuses_what_it_does_not_do(tmp_path, options, message):
+    random_model(miniature_config("llama", "siglip", VOCAB)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        TinyLlavaForConditionalGeneration.from_pretrained(tmp_path, **options)
+    with pytest.raises(TypeError, match="no_such_option"):
+        TinyLlavaForConditionalGeneration.from_pretrained(tmp_path, no_such_option=1)
+
+
+def test_every_transformers_option_is_classified():
+    """Every keyword transformers' from_pretrained (model and Auto class) reads is one we classified:
+    a new transformers that adds one fails here, not in a user's load (model/load_options.py)."""
+    import inspect
+    import re
+
+    from transformers import PreTrainedModel
+    from transformers.models.auto import auto_factory
+
+    from tinyllava_edge.model.load_options import CLASSIFIED
+
+    names = set()
+    for fn in (PreTrainedModel.from_pretrained, auto_factory._BaseAutoModelClass.from_pretrained):
+        fn = inspect.unwrap(getattr(fn, "__func__", fn))
+        params = inspect.signature(fn).parameters.values()
+        names |= {p.name for p in params if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)}
+        source = inspect.getsource(fn)
+        names |= set(re.findall(r'kwargs(?:_orig)?\.(?:pop|get)\("(\w+)"', source))
+        names |= set(re.findall(r'"(\w+)": (?:\w+),', source)) & {"cache_dir", "force_download", "local_files_only", "proxies", "subfolder", "_from_auto"}
+    assert names, "transformers' from_pretrained could not be read"
+    assert sorted(names - CLASSIFIED) == []

@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import TinyLlavaError
-from .common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
+from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_WORKDIR = Path("runs") / "tiny-shapes"
 BUNDLE = "bundle"  # the 16-bit edge bundle, under the workdir
@@ -53,7 +53,7 @@ QUICK = {"dataset_overrides": {"n_train": 24, "n_val": 4, "n_test": 12}, "max_st
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..train.preset_recipes import SUMMARY_FILE, train_preset
+    from tinyllava_edge.train.preset_recipes import SUMMARY_FILE, train_preset
 
     work: Path = args.workdir
     if work.exists() and not work.is_dir():
@@ -89,14 +89,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _export(model_dir: Path, bundle_dir: Path) -> None:
-    from ..export import export_bundle
+    from tinyllava_edge.export import export_bundle
 
     export_bundle(model_dir, bundle_dir, fmt="gguf", bits=16, overwrite=True, progress=False)
 
 
 def _ask(bundle_dir: Path, data_dir: Path, n: int) -> tuple[list[dict], dict]:
-    from .. import load
-    from ..export import read_manifest
+    from tinyllava_edge import load
+    from tinyllava_edge.export import read_manifest
 
     manifest = read_manifest(bundle_dir)
     vlm = load(bundle_dir, device="cpu")
@@ -146,21 +146,32 @@ def main(argv: list[str] | None = None) -> int:
         return fail(err)
     print_summary(summary)
     if args.no_demo:
+        print(f"\n  next: tinyllava-demo --model {Path(summary['workdir']) / BUNDLE}  (the demo page)")
+        print(server_hint(Path(summary["workdir"])))
         return 0
     return _serve_demo(Path(summary["workdir"]), args.port)
 
 
+def server_hint(work: Path) -> str:
+    """How to serve the bundle to OpenAI clients: printed next to the demo's URL."""
+    from tinyllava_edge.apps.serve.settings import DEFAULT_HOST, DEFAULT_PORT
+
+    return (f"  next: tinyllava-serve --model {work / BUNDLE}  (OpenAI's Chat Completions API on "
+            f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/v1 for any OpenAI client; docs/serve.md)")
+
+
 def _serve_demo(work: Path, port: int) -> int:
     """The last step: the Gradio demo over the edge bundle and the checkpoint it came from."""
-    from ..apps.variants import discover
-    from .demo import build_parser as demo_parser
-    from .demo import serve
+    from tinyllava_edge.apps.variants import discover
+    from tinyllava_edge.cli.demo import build_parser as demo_parser
+    from tinyllava_edge.cli.demo import serve
 
     try:
         variants = [*discover(work / BUNDLE), *discover(work / "model")]
     except USER_ERRORS as err:
         return fail(err)
     print("\n[demo] serving the demo page; the bundle and the torch checkpoint are its two variants", flush=True)
+    print(server_hint(work), flush=True)
     return serve(variants, demo_parser().parse_args(["--port", str(port)]))
 
 

@@ -12,6 +12,7 @@ Reading and writing checkpoints (three layouts, safetensors only) lives in `chec
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -257,22 +258,26 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
         """Read a Factory, legacy TinyLLaVABench or HF LLaVA checkpoint directory (a Factory one whose
         LLM is stored GPTQ-quantized loads it through GPTQModel, on CPU: model/gptq.py).
 
-        Keyword options: `dtype` (torch dtype or name), `device`.
+        Keyword options are transformers' own; model/load_options.py says what each one does here
+        (honoured: `dtype`/`torch_dtype` (a dtype, its name, or "auto" for the stored one),
+        `device`/`device_map` (one device), `subfolder`, `output_loading_info`,
+        `attn_implementation`; hub download options have nothing to fetch for a folder).
         """
         from .checkpoint import load_checkpoint
+        from .load_options import resolve_options
 
         if args:
             raise TypeError("from_pretrained takes the checkpoint path and keyword options only")
-        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
-        device = kwargs.pop("device", None)
-        # What the Auto classes pass along; the config is re-read from the directory anyway,
-        # and remote code is never run.
-        for ignored in ("config", "trust_remote_code", "cache_dir", "revision", "local_files_only",
-                        "token", "subfolder", "_from_auto", "_commit_hash", "adapter_kwargs"):
-            kwargs.pop(ignored, None)
-        if kwargs:
-            raise TypeError(f"unsupported from_pretrained options: {', '.join(sorted(kwargs))}")
-        return load_checkpoint(path, dtype=dtype, device=device)
+        options = resolve_options(kwargs)
+        folder = Path(path) / options["subfolder"] if options["subfolder"] else path
+        model = load_checkpoint(folder, dtype=options["dtype"], device=options["device"])
+        if options["attn_implementation"] is not None:
+            model.language_model.set_attn_implementation(options["attn_implementation"])
+        if options["output_loading_info"]:
+            # the load is strict (checkpoint.load_state fails on any missing, unexpected or
+            # mis-shaped weight), so a model that loaded has nothing to report
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **kwargs: Any) -> None:
         """Write the Factory layout (config.json + model.safetensors); other HF options are ignored."""

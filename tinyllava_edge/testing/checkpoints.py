@@ -16,10 +16,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import TinyLlavaError
-from ..model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _tied_names
-from ..model.configuration import TinyLlavaConfig
-from ..model.modeling import TinyLlavaForConditionalGeneration
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _tied_names
+from tinyllava_edge.model.configuration import TinyLlavaConfig
+from tinyllava_edge.model.modeling import TinyLlavaForConditionalGeneration
 
 # Released LLM configs (values from each model's config.json), with the dims the miniature
 # shrinks. Only architecture-defining settings are kept; sizes are overridden below.
@@ -66,12 +66,19 @@ _VISION: Mapping[str, Mapping[str, Any]] = {
         "model_type": "clip_vision_model", "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
         "projection_dim": 16, "_name_or_path": "openai/clip-vit-large-patch14-336",
     },
+    "dinov2": {  # facebook/dinov2-large (a TinyLLaVA_Factory tower; no released TinyLLaVA uses it)
+        "model_type": "dinov2", "hidden_act": "gelu", "layer_norm_eps": 1e-6, "layerscale_value": 1.0,
+        "mlp_ratio": 2, "use_swiglu_ffn": False, "_name_or_path": "facebook/dinov2-large",
+    },
 }
 _VISION_DIMS = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
                 "patch_size": 7}
 # 4x4 patches of 7 px. SigLIP gets 30 px: like SigLIP-384/14 its size is not a multiple of the
-# patch (the conv drops the rest); CLIP checks the input size, and 336/14 divides evenly.
-_IMAGE_SIZE = {"siglip": 30, "clip": 28}
+# patch (the conv drops the rest); CLIP checks the input size, and 336/14 divides evenly; DINOv2
+# at its own size, so its position table is used as stored, not interpolated.
+_IMAGE_SIZE = {"siglip": 30, "clip": 28, "dinov2": 28}
+# DINOv2 sizes its MLP by mlp_ratio, not intermediate_size
+_NOT_IN_CONFIG = {"dinov2": ("intermediate_size",)}
 
 TOKENIZER_OF_FAMILY = {"phi": "phi2", "qwen2": "qwen2", "llama": "tinyllama", "stablelm": "stablelm2", "gemma": "gemma"}
 LEGACY_MODEL_TYPE = {"phi": "tiny_llava_phi", "llama": "tiny_llava", "stablelm": "tiny_llava_stablelm", "qwen2": "tiny_llava_qwen"}
@@ -117,6 +124,8 @@ def miniature_config(family: str, tower: str, vocab_size: int, max_length: int =
     if family == "gemma":
         text["head_dim"] = _TEXT_DIMS["hidden_size"] // _TEXT_DIMS["num_attention_heads"]
     vision = {**_VISION[tower], **_VISION_DIMS, "image_size": _IMAGE_SIZE[tower]}
+    for key in _NOT_IN_CONFIG.get(tower, ()):
+        del vision[key]
     fields = dict(
         text_config=text,
         vision_config=vision,
@@ -160,8 +169,8 @@ def _image_token_id(tokenizer, vocab: int) -> int:
 
 
 def _write_tokenizer(family: str, out: Path):
-    from ..model.tokenizer import load_tokenizer
-    from .tokenizers import build_tokenizer
+    from tinyllava_edge.model.tokenizer import load_tokenizer
+    from tinyllava_edge.testing.tokenizers import build_tokenizer
 
     build_tokenizer(TOKENIZER_OF_FAMILY[family], out)
     return load_tokenizer(out, model_type=family)
@@ -297,7 +306,7 @@ def build_miniature_bundle(name: str, out_dir: str | Path, bits: int = 32) -> tu
 
     The runtime, demo and reliability tests share it: fast, and exact at 32 bits.
     """
-    from ..export import export_bundle
+    from tinyllava_edge.export import export_bundle
 
     out = Path(out_dir)
     ckpt = build_miniature(name, out / "ckpt")

@@ -17,29 +17,33 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import import_module, metadata
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 from tinyllava_edge.atomic import replace_folder, staged_folder
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
+
 from tinyllava_edge.export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     file_record,
     is_bundle,
-    sha256_file,
     write_manifest,
 )
-from tinyllava_edge.registry import Registry
+from tinyllava_edge.export.staging import (
+    Steps,
+    check_destination,
+    source_record,
+    tool_versions,
+)
 
 FORMATS = ("gguf", "onnx")
 BITS = (4, 8, 16, 32)  # what the command offers; 4 and 8 need the quant stage
@@ -106,25 +110,6 @@ def precision_for(bits: int) -> Precision:
     return PRECISIONS.get(str(bits))
 
 
-class _Steps:
-    """`[k/n] what` lines on stderr, each closed with its time."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.k, self.t0 = total, enabled, 0, None
-
-    def start(self, what: str) -> None:
-        self.done()
-        self.k += 1
-        self.t0 = time.perf_counter()
-        if self.enabled:
-            print(f"[{self.k}/{self.total}] {what} ...", file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.t0 is not None and self.enabled:
-            print(f"      done in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
-        self.t0 = None
-
-
 def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str = DEFAULT_FORMAT,
                   bits: int = DEFAULT_BITS, mmproj: bool = True, verify: bool = True, progress: bool = True,
                   onnx_fp16: bool = False, overwrite: bool = False, check_images: int = DEFAULT_CHECK_IMAGES,
@@ -150,17 +135,17 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         raise TinyLlavaError(f"check_images must be at least 1 when verifying, got {check_images}")
     source = Path(checkpoint_dir)
     final = Path(out_dir)
-    _check_destination(final, overwrite)
+    check_destination(final, overwrite, what="bundle", is_ours=is_bundle, record_name=MANIFEST_NAME)
     with_fp16 = onnx_fp16 or (fmt == "onnx" and bits == 16)
     gguf = fmt == "gguf"
-    steps = _Steps(2 + with_fp16 + (precision.vision_variants is not None)
+    steps = Steps(2 + with_fp16 + (precision.vision_variants is not None)
                    + (2 + mmproj + (precision.finish is not None) if gguf else 0)
                    + (verify and gguf) + 1, progress)
     started = time.perf_counter()
 
-    _check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
+    check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
     steps.start(f"loading checkpoint {source}")
-    model, tokenizer, layout = _load(source)
+    model, tokenizer, layout = load_checkpoint_for_export(source)
     with staged_folder(final) as staging:
         manifest = _write_parts(model, tokenizer, staging, steps, precision, gguf=gguf, with_fp16=with_fp16,
                                 mmproj=mmproj, verify=verify, progress=progress, check_images=check_images,
@@ -171,9 +156,9 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "format": fmt,
             "bits": bits,
-            "source": _source_record(source, layout),
+            "source": source_record(source, layout),
             **manifest,
-            "tools": _tool_versions(),
+            "tools": tool_versions(_TOOLS),
         }
         write_manifest(staging, manifest)
         replace_folder(staging, final)
@@ -183,7 +168,8 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 # -- the parts ------------------------------------------------------------------------------------
 
-def _check_source(source: Path, gguf: bool) -> None:
+def check_source(source: Path, gguf: bool) -> None:
+    """Fail before any work on a wrong path, a GPTQ checkpoint or an LLM family the format cannot take."""
     from tinyllava_edge.model.checkpoint import detect_layout, read_config_json
     from tinyllava_edge.model.llm import family_for
     from tinyllava_edge.model.gptq import gptq_llm_dir
@@ -203,14 +189,15 @@ def _check_source(source: Path, gguf: bool) -> None:
             arch_for(family)
 
 
-def _load(source: Path):
+def load_checkpoint_for_export(source: Path):
+    """(model, tokenizer, layout) of a checkpoint directory of any layout."""
     from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer
 
     model = TinyLlavaForConditionalGeneration.from_pretrained(source)
     return model, load_tokenizer(source), getattr(model, "checkpoint_layout", "factory")
 
 
-def _write_parts(model, tokenizer, folder: Path, steps: _Steps, precision: Precision, *, gguf: bool, with_fp16: bool,
+def _write_parts(model, tokenizer, folder: Path, steps: Steps, precision: Precision, *, gguf: bool, with_fp16: bool,
                  mmproj: bool, verify: bool, progress: bool, check_images: int, check_tokens: int) -> dict:
     from tinyllava_edge.data.template import default_template_for_family, get_template
     from tinyllava_edge.model.vision import tower_for_config
@@ -447,55 +434,7 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-# -- files and folders ----------------------------------------------------------------------------
-
-def _check_destination(final: Path, overwrite: bool) -> None:
-    if final.is_file() or (final.exists() and not final.is_dir()):
-        raise TinyLlavaError(f"output path {final} is a file; expected a directory for the bundle")
-    parent = final.parent
-    for above in (parent, *parent.parents):
-        if above.exists():
-            if not above.is_dir():
-                raise TinyLlavaError(f"cannot create the bundle directory {final}: {above} is a file")
-            if not os.access(above, os.W_OK | os.X_OK):
-                raise TinyLlavaError(f"cannot write the bundle {final}: {above} is not writable")
-            break
-    if final.is_dir() and any(final.iterdir()):
-        if not overwrite:
-            raise TinyLlavaError(f"output directory {final} is not empty; pass overwrite=True (--overwrite) to "
-                                 "replace a previous bundle")
-        if not is_bundle(final):
-            raise TinyLlavaError(f"output directory {final} is not empty and holds no bundle {MANIFEST_NAME}; "
-                                 "refusing to replace it")
-
-
-def _source_record(source: Path, layout: str) -> dict:
-    """The checkpoint's path, layout and the sha256 of its config and weights files."""
-    names = ["config.json"]
-    index = source / "model.safetensors.index.json"
-    if (source / "model.safetensors").is_file():
-        names.append("model.safetensors")
-    elif index.is_file():
-        import json
-
-        names.append(index.name)
-        names += sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    files = [{"name": n, "size": (source / n).stat().st_size, "sha256": sha256_file(source / n)} for n in names]
-    import hashlib
-
-    combined = hashlib.sha256("".join(f"{f['name']}:{f['sha256']}\n" for f in files[1:]).encode()).hexdigest()
-    return {"path": str(source.resolve()), "layout": layout, "sha256": combined, "files": files}
-
+# -- records ----------------------------------------------------------------------------------------
 
 _TOOLS = ("tinyllava-edge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "gguf", "llama_cpp_python",
           "numpy")
-
-
-def _tool_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in _TOOLS:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions

@@ -27,8 +27,15 @@ import numpy as np
 
 from tinyllava_edge.atomic import replace_folder, staged_folder
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.export.bundle import _check_destination, _Steps
-from tinyllava_edge.export.manifest import MANIFEST_NAME, file_record, files_by_role, read_manifest, write_manifest
+from tinyllava_edge.export.manifest import (
+    MANIFEST_NAME,
+    file_record,
+    files_by_role,
+    is_bundle,
+    read_manifest,
+    write_manifest,
+)
+from tinyllava_edge.export.staging import Steps, check_destination
 from tinyllava_edge.quant.gguf import BITS_TO_TYPE, GGUF_TYPES, gguf_type, quantize_gguf
 from tinyllava_edge.quant.onnx import ONNX_SCHEMES
 
@@ -78,10 +85,10 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                              "(requantizing compounds the rounding)")
     if source.resolve() == final.resolve():
         raise TinyLlavaError(f"the output {final} is the source bundle; write the quantized bundle elsewhere")
-    _check_destination(final, overwrite)
+    check_destination(final, overwrite, what="bundle", is_ours=is_bundle, record_name=MANIFEST_NAME)
     mm = files_by_role(manifest, "mmproj")
     redo_mmproj = mmproj is not None and bool(mm) and mm[0]["quant"] in ("F16", "F32")
-    steps = _Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
+    steps = Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
     started = time.perf_counter()
     with staged_folder(final) as staging:
         steps.start(f"copying {source.name}")

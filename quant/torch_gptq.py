@@ -295,7 +295,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     image rows included. Returns {path, record, seconds}; the record is also quantization.json.
     """
     from tinyllava_edge.atomic import replace_folder, staged_folder
-    from tinyllava_edge.export.bundle import _source_record, _Steps
+    from tinyllava_edge.export.staging import Steps, source_record
 
     source, final = Path(checkpoint_dir), Path(out_dir)
     if bits not in FUSED_BITS:
@@ -319,7 +319,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     from tinyllava_edge.data.template import default_template_for_family, get_template
     from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer, save_checkpoint, save_tokenizer
 
-    steps = _Steps(4 + verify, progress)
+    steps = Steps(4 + verify, progress)
     started = time.perf_counter()
     steps.start(f"reading {source}")
     model = TinyLlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32, device="cpu").eval()
@@ -384,7 +384,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                             "images": "as virtual tokens: rows appended to the embedding table for the run"},
             "template": template.name, "quantize_seconds": round(t_quant, 2),
             "gptqmodel": gptqmodel.__version__, "torch": torch.__version__,
-            "source": _source_record(source, getattr(model, "checkpoint_layout", "factory")),
+            "source": source_record(source, getattr(model, "checkpoint_layout", "factory")),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if verify:

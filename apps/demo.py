@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import TinyLlavaError
-from ..runtime.devices import DEVICES
-from .uploads import file_digest, open_upload, upload_path
-from .variants import Variant, disk_size, model_card
+from tinyllava_edge.apps.uploads import file_digest, open_upload, upload_path
+from tinyllava_edge.apps.variants import Variant, disk_size, model_card
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.runtime.devices import DEVICES
 
 MAX_FILE_SIZE = "10mb"  # upload cap, enforced by Gradio's upload route
 DEFAULT_CONCURRENCY = 4  # queue workers; answers on one model are serialised by its lock anyway
@@ -55,7 +55,7 @@ class ModelPool:
         self._load_lock = threading.Lock()
 
     def get(self, name: str, device: str) -> LoadedModel:
-        from ..runtime import load
+        from tinyllava_edge.runtime import load
 
         if name not in self.variants:
             raise TinyLlavaError(f"variant {name!r} is not one of {', '.join(self.variants)}")
@@ -88,7 +88,7 @@ class DemoSession:
 
 def example_images(folder: Path, n: int = EXAMPLES, seed: int = EXAMPLE_SEED) -> list[tuple[str, str]]:
     """(png path, question) for the first `n` test-split shapes images, generated now."""
-    from ..data.shapes import generate
+    from tinyllava_edge.data.shapes import generate
 
     folder.mkdir(parents=True, exist_ok=True)
     examples, seen = [], set()

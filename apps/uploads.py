@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.preprocess import load_image
-from ..errors import TinyLlavaError
+from tinyllava_edge.data.preprocess import load_image
+from tinyllava_edge.errors import TinyLlavaError
 
 MAX_SIDE = 8192  # px; the towers take 48-384 px, anything larger only costs decode time and memory
 MAX_PIXELS = 40_000_000

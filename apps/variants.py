@@ -17,9 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli.common import human_size
-from ..errors import TinyLlavaError
-from ..runtime.loader import CONFIG, MANIFEST, backend_kind
+from tinyllava_edge.cli.common import human_size
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.runtime.loader import CONFIG, MANIFEST, backend_kind
 
 DEFAULT_WORKDIR = Path("runs/tiny-shapes")
 DEFAULT_BUNDLE = DEFAULT_WORKDIR / "bundle"

@@ -7,21 +7,21 @@ Importing this package is light (no torch): the names below load their module on
 from importlib import import_module
 
 _LAZY = {
-    "export_bundle": ".bundle",
-    "register_precision": ".bundle",
-    "precision_for": ".bundle",
-    "Precision": ".bundle",
-    "PRECISIONS": ".bundle",
-    "read_manifest": ".manifest",
-    "check_parts": ".manifest",
-    "files_by_role": ".manifest",
-    "FORMAT_VERSION": ".manifest",
-    "MANIFEST_NAME": ".manifest",
-    "export_vision_onnx": ".onnx_vision",
-    "write_llm_gguf": ".gguf_llm",
-    "llm_logits_diff": ".gguf_llm",
-    "write_mmproj_gguf": ".mmproj",
-    "measure_mmproj": ".validate",
+    "export_bundle": "tinyllava_edge.export.bundle",
+    "register_precision": "tinyllava_edge.export.bundle",
+    "precision_for": "tinyllava_edge.export.bundle",
+    "Precision": "tinyllava_edge.export.bundle",
+    "PRECISIONS": "tinyllava_edge.export.bundle",
+    "read_manifest": "tinyllava_edge.export.manifest",
+    "check_parts": "tinyllava_edge.export.manifest",
+    "files_by_role": "tinyllava_edge.export.manifest",
+    "FORMAT_VERSION": "tinyllava_edge.export.manifest",
+    "MANIFEST_NAME": "tinyllava_edge.export.manifest",
+    "export_vision_onnx": "tinyllava_edge.export.onnx_vision",
+    "write_llm_gguf": "tinyllava_edge.export.gguf_llm",
+    "llm_logits_diff": "tinyllava_edge.export.gguf_llm",
+    "write_mmproj_gguf": "tinyllava_edge.export.mmproj",
+    "measure_mmproj": "tinyllava_edge.export.validate",
 }
 
 __all__ = list(_LAZY)
@@ -30,7 +30,7 @@ __all__ = list(_LAZY)
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name], __name__), name)
+    value = getattr(import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
 

@@ -32,9 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.registry import Registry
-
-from .manifest import (
+from tinyllava_edge.export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     file_record,
@@ -42,6 +40,7 @@ from .manifest import (
     sha256_file,
     write_manifest,
 )
+from tinyllava_edge.registry import Registry
 
 FORMATS = ("gguf", "onnx")
 BITS = (4, 8, 16, 32)  # what the command offers; 4 and 8 need the quant stage
@@ -187,8 +186,8 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 def _check_source(source: Path, gguf: bool) -> None:
     from tinyllava_edge.model.checkpoint import detect_layout, read_config_json
-    from tinyllava_edge.model.llm import family_for
     from tinyllava_edge.model.gptq import gptq_llm_dir
+    from tinyllava_edge.model.llm import family_for
     from tinyllava_edge.model.tokenizer import text_model_type
 
     raw = read_config_json(source)
@@ -200,7 +199,7 @@ def _check_source(source: Path, gguf: bool) -> None:
     if family is not None:
         family_for(family)
         if gguf:
-            from .gguf_arch import arch_for
+            from tinyllava_edge.export.gguf_arch import arch_for
 
             arch_for(family)
 
@@ -215,9 +214,8 @@ def _load(source: Path):
 def _write_parts(model, tokenizer, folder: Path, steps: _Steps, precision: Precision, *, gguf: bool, with_fp16: bool,
                  mmproj: bool, verify: bool, progress: bool, check_images: int, check_tokens: int) -> dict:
     from tinyllava_edge.data.template import default_template_for_family, get_template
+    from tinyllava_edge.export.onnx_vision import export_vision_onnx, preprocess_config
     from tinyllava_edge.model.vision import tower_for_config
-
-    from .onnx_vision import export_vision_onnx, preprocess_config
 
     config = model.config
     template = get_template(default_template_for_family(config.text_config.model_type))
@@ -248,7 +246,7 @@ def _write_parts(model, tokenizer, folder: Path, steps: _Steps, precision: Preci
             validation["vision_onnx_fp16"] = half["validation"]
 
     if gguf:
-        from .gguf_llm import write_llm_gguf
+        from tinyllava_edge.export.gguf_llm import write_llm_gguf
 
         steps.start(f"LLM + tokenizer -> llm-{precision.gguf_type}.gguf")
         llm_path = folder / f"llm-{precision.gguf_type}.gguf"
@@ -352,9 +350,8 @@ def _check_onnx(validation: dict) -> dict:
 
 
 def _probe(llm_path: Path, model, tokenizer, template) -> dict:
+    from tinyllava_edge.export.checks import probe_embd_scale
     from tinyllava_edge.llamacpp import LlamaCppModel
-
-    from .checks import probe_embd_scale
 
     ids = list(tokenizer(template.render_prompt("What is in the picture?"))["input_ids"])
     with LlamaCppModel(llm_path, n_ctx=max(64, len(ids) + 8), n_threads=_threads(), kv_type="f32",
@@ -363,7 +360,7 @@ def _probe(llm_path: Path, model, tokenizer, template) -> dict:
 
 
 def _write_mmproj(model, folder: Path, precision: Precision) -> tuple[dict | None, str | None]:
-    from .mmproj import plan_mmproj, write_mmproj_gguf
+    from tinyllava_edge.export.mmproj import plan_mmproj, write_mmproj_gguf
 
     try:
         plan_mmproj(model)
@@ -387,14 +384,13 @@ def _verify_llm(model, tokenizer, template, folder: Path, llm_path: Path, files:
                 probe: dict, check_images: int, check_tokens: int) -> dict:
     import onnxruntime as ort
 
-    from tinyllava_edge.llamacpp import LlamaCppModel
-
-    from .checks import (
+    from tinyllava_edge.export.checks import (
         compare_with_images,
         mmproj_figures,
         synthetic_images,
         tokenizer_parity,
     )
+    from tinyllava_edge.llamacpp import LlamaCppModel
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -25,10 +25,9 @@ import numpy as np
 
 from tinyllava_edge.data.template import default_template_for_family, get_template
 from tinyllava_edge.errors import TinyLlavaError
-
-from .chat_template import jinja_chat_template
-from .gguf_arch import ArchSpec, Hyper, arch_for, hyperparameters, map_tensor_names, transform, write_hyperparameters
-from .gguf_tokenizer import read_vocab
+from tinyllava_edge.export.chat_template import jinja_chat_template
+from tinyllava_edge.export.gguf_arch import ArchSpec, Hyper, arch_for, hyperparameters, map_tensor_names, transform, write_hyperparameters
+from tinyllava_edge.export.gguf_tokenizer import read_vocab
 
 # ftype name -> (general.file_type, dtype of matrices). Vectors (norm weights, biases) stay F32
 # in every type, as llama.cpp's converter keeps them: they are tiny and ggml adds/multiplies them

@@ -35,9 +35,9 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from ..data.preprocess import PreprocessConfig
-from ..errors import TinyLlavaError
-from ..model.connector import connector_key
+from tinyllava_edge.data.preprocess import PreprocessConfig
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.model.connector import connector_key
 
 FTYPES: Mapping[str, int] = MappingProxyType({"f32": 0, "f16": 1})  # general.file_type (LLAMA_FTYPE_*)
 
@@ -122,7 +122,7 @@ def feature_layers(layer: int | list[int], n_layers: int) -> list[int]:
 
 def plan_mmproj(model) -> dict:
     """Check that stock llama.cpp can express `model` and work out the keys; no file I/O."""
-    from ..model.vision import tower_for_config
+    from tinyllava_edge.model.vision import tower_for_config
 
     config = model.config
     vision = config.vision_config

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.preprocess import PreprocessConfig, preprocess
-from ..errors import TinyLlavaError
+from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
+from tinyllava_edge.errors import TinyLlavaError
 
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType({"fp32": torch.float32, "fp16": torch.float16})
 # A protobuf cannot exceed 2 GiB (onnx's own limit); stay clear of it and put weights beside it.

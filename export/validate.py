@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.preprocess import ImageInput, PreprocessConfig, load_image, preprocess
-from ..errors import TinyLlavaError
-from .onnx_vision import token_cosine
+from tinyllava_edge.data.preprocess import ImageInput, PreprocessConfig, load_image, preprocess
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.export.onnx_vision import token_cosine
 
 _LOG_LINES_KEPT = 40
 

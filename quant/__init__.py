@@ -11,7 +11,7 @@ Importing this package registers the 8- and 4-bit precisions with `export.bundle
 `export_bundle(..., bits=8)` / `tinyllava-export --bits 4` work. Nothing heavy at import.
 """
 
-from .precisions import register_precisions
+from tinyllava_edge.quant.precisions import register_precisions
 
 register_precisions()
 

@@ -28,9 +28,8 @@ import numpy as np
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.export.bundle import _check_destination, _move_into_place, _staged, _Steps
 from tinyllava_edge.export.manifest import MANIFEST_NAME, file_record, files_by_role, read_manifest, write_manifest
-
-from .gguf import BITS_TO_TYPE, GGUF_TYPES, gguf_type, quantize_gguf
-from .onnx import ONNX_SCHEMES
+from tinyllava_edge.quant.gguf import BITS_TO_TYPE, GGUF_TYPES, gguf_type, quantize_gguf
+from tinyllava_edge.quant.onnx import ONNX_SCHEMES
 
 DEFAULT_QUANT = "Q4_K_M"
 CHECK_PROMPTS = 4  # synthetic image prompts the fidelity check decodes
@@ -102,7 +101,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         files.insert(_index(manifest["files"], llm["name"]), llm_record)
         record_of = {"llm": {"type": quant, "from": llm["name"], **report["summary"]}}
         if redo_mmproj:
-            from .mmproj import quantize_mmproj
+            from tinyllava_edge.quant.mmproj import quantize_mmproj
 
             steps.start(f"{mm[0]['name']} -> mmproj-{mmproj}.gguf")
             path = staging / f"mmproj-{mmproj}.gguf"
@@ -114,8 +113,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         new_manifest = copy.deepcopy(manifest)
         if onnx:
             from tinyllava_edge.data.preprocess import PreprocessConfig
-
-            from .vision import vision_variants
+            from tinyllava_edge.quant.vision import vision_variants
 
             steps.start(f"vision graphs: {', '.join(onnx)}")
             fp32 = next(f for f in files if f["role"] == "vision" and f["quant"] == "fp32")
@@ -132,7 +130,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                                  "bundle")
         if verify:
             steps.start(f"checking llm-{quant}.gguf against {llm['name']} on {CHECK_PROMPTS} image prompts")
-            from .fidelity import compare_llm_files
+            from tinyllava_edge.quant.fidelity import compare_llm_files
 
             record_of["llm"]["fidelity"] = compare_llm_files(manifest, source, source / llm["name"], llm_path,
                                                              CHECK_PROMPTS, CHECK_TOKENS)

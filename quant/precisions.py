@@ -17,8 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tinyllava_edge.export.bundle import PRECISIONS, Precision, register_precision
-
-from .gguf import BITS_TO_TYPE
+from tinyllava_edge.quant.gguf import BITS_TO_TYPE
 
 # relative prompt-logit difference against PyTorch allowed at export (tiny-shapes measured: Q8_0 6e-3 vs torch, Q4_K_M 3e-2 vs F16)
 LOGITS_TOL = {8: 0.05, 4: 0.25}
@@ -27,7 +26,7 @@ VISION_CANDIDATES = {8: ("int8",), 4: ("int4", "int8")}  # smallest first
 
 def _finish_llm(quant: str):
     def finish(written: Path, final: Path) -> dict:
-        from .gguf import quantize_gguf
+        from tinyllava_edge.quant.gguf import quantize_gguf
 
         return quantize_gguf(written, final, quant)
 
@@ -35,14 +34,14 @@ def _finish_llm(quant: str):
 
 
 def _finish_mmproj(written: Path, final: Path) -> dict:
-    from .mmproj import quantize_mmproj
+    from tinyllava_edge.quant.mmproj import quantize_mmproj
 
     return quantize_mmproj(written, final, "Q8_0")
 
 
 def _vision_variants(bits: int):
     def variants(folder: Path, fp32_record: dict, model) -> dict:
-        from .vision import vision_variants
+        from tinyllava_edge.quant.vision import vision_variants
 
         return vision_variants(folder, fp32_record, model, VISION_CANDIDATES[bits])
 

@@ -16,8 +16,7 @@ import numpy as np
 
 from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
 from tinyllava_edge.export.manifest import file_record
-
-from .onnx import compare_onnx, quantize_onnx
+from tinyllava_edge.quant.onnx import compare_onnx, quantize_onnx
 
 VISION_MIN_COSINE = 0.99
 PROXY_IMAGES = 16  # scenes drawn by the shapes generator (seed 7, val split, up to 3 objects)

@@ -5,7 +5,7 @@ Importing this package is light: no torch. The model framework lives in
 is imported on first use and runs a bundle without torch.
 """
 
-from .errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 __version__ = "0.1.0"
 
@@ -14,7 +14,7 @@ __all__ = ["TinyLlavaError", "__version__", "load"]
 
 def __getattr__(name: str):
     if name == "load":
-        from .runtime import load
+        from tinyllava_edge.runtime import load
 
         return load
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

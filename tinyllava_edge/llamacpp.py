@@ -31,7 +31,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from .errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 # KV-cache element types by name (ggml_type values, ggml.h). llama.cpp defaults to F16; F32
 # makes the cache exact, so a comparison measures the weights file and nothing else.

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from ..data.preprocess import PreprocessConfig, load_image, preprocess
-from ..data.template import Template
-from ..errors import DataError, TinyLlavaError
+from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from tinyllava_edge.data.preprocess import PreprocessConfig, load_image, preprocess
+from tinyllava_edge.data.template import Template
+from tinyllava_edge.errors import DataError, TinyLlavaError
 
 logger = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class Collator:
 
 def image_token_count(config) -> int:
     """Rows one image becomes in the LLM input, from the config alone (no forward pass)."""
-    from ..model.vision import tower_for_config
+    from tinyllava_edge.model.vision import tower_for_config
 
     vision = config.vision_config
     side = vision.image_size // vision.patch_size

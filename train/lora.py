@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from .tune import ADAPTER_NAME
+from tinyllava_edge.errors import CheckpointError
+from tinyllava_edge.train.tune import ADAPTER_NAME
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -103,7 +103,7 @@ def has_adapter(path: str | os.PathLike) -> bool:
 
 def load_merged(path: str | os.PathLike):
     """A checkpoint directory as a plain model; an adapter saved beside it is merged in."""
-    from ..model import TinyLlavaForConditionalGeneration
+    from tinyllava_edge.model import TinyLlavaForConditionalGeneration
 
     model = TinyLlavaForConditionalGeneration.from_pretrained(path)
     if not has_adapter(path):
@@ -123,7 +123,7 @@ def load_merged(path: str | os.PathLike):
 
 def merge_lora_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge the adapter saved in `path` into its base and write a plain checkpoint to `out_dir`."""
-    from ..model import load_tokenizer
+    from tinyllava_edge.model import load_tokenizer
 
     if not has_adapter(path):
         raise CheckpointError(f"{path} has no {ADAPTER_CONFIG}; nothing to merge")

@@ -36,9 +36,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from ..errors import TinyLlavaError
-from ..registry import Registry
-from .config import TrainConfig
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
+from tinyllava_edge.train.config import TrainConfig
 
 SUMMARY_FILE = "recipe_summary.json"
 
@@ -101,9 +101,9 @@ def train_preset(name: str, output: str | os.PathLike, *, seed: int = 0, overwri
     ``dataset_overrides`` (write_dataset arguments) to the data; tests use them to run the recipe
     small.
     """
-    from ..data.shapes import write_dataset
-    from ..data.shapes_tokenizer import train_shapes_tokenizer
-    from .run import train
+    from tinyllava_edge.data.shapes import write_dataset
+    from tinyllava_edge.data.shapes_tokenizer import train_shapes_tokenizer
+    from tinyllava_edge.train.run import train
 
     recipe = PRESET_RECIPES.get(name)
     out = Path(output)
@@ -158,7 +158,7 @@ def train_preset(name: str, output: str | os.PathLike, *, seed: int = 0, overwri
 def evaluate_shapes(model_dir: Path, data_dir: Path, out_dir: Path, split: str = "test", batch_size: int = 64,
                     quiet: bool = True) -> dict:
     """Exact match overall and per kind of a checkpoint on a shapes split (greedy decoding)."""
-    from ..eval import Sources, TorchPredictor, run_benchmark
+    from tinyllava_edge.eval import Sources, TorchPredictor, run_benchmark
 
     sources = Sources(questions=data_dir / f"{split}.json", image_folder=data_dir, split=split)
     results = run_benchmark("shapes", lambda: TorchPredictor(model_dir, batch_size=batch_size), sources, out_dir,

@@ -23,12 +23,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import TinyLlavaError
-from .config import TrainConfig
-from .data import (Collator, SampleChecker, SupervisedDataset, default_image_folder, image_token_count,
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.train.config import TrainConfig
+from tinyllava_edge.train.data import (Collator, SampleChecker, SupervisedDataset, default_image_folder, image_token_count,
                    load_samples)
-from .recipes import PARTS, STAGES, TuneSpec
-from .report import LOSS_PNG, SUMMARY_JSON, loss_history, plot_loss, write_summary
+from tinyllava_edge.train.recipes import PARTS, STAGES, TuneSpec
+from tinyllava_edge.train.report import LOSS_PNG, SUMMARY_JSON, loss_history, plot_loss, write_summary
 
 # peft imports bitsandbytes whenever it is installed; on a CPU its 0.50 warns on import that an
 # optional kernel package ("kernels") is missing, in every run, QLoRA or not. QLoRA on CPU works
@@ -118,9 +118,9 @@ def _precision(requested: str) -> str:
 
 def load_start(config: TrainConfig):
     """(model, tokenizer, description) of what this run starts from."""
-    from ..model import TinyLlavaForConditionalGeneration, load_tokenizer
-    from ..model.presets import get_preset
-    from .lora import has_adapter, load_merged
+    from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer
+    from tinyllava_edge.model.presets import get_preset
+    from tinyllava_edge.train.lora import has_adapter, load_merged
 
     if config.model is not None:
         model = load_merged(config.model)
@@ -144,7 +144,7 @@ def load_start(config: TrainConfig):
 
 
 def _template_name(config: TrainConfig, model) -> str:
-    from ..data.template import default_template_for_family, get_template
+    from tinyllava_edge.data.template import default_template_for_family, get_template
 
     name = config.template or STAGES.get(config.stage).template or default_template_for_family(model.config.llm_family)
     get_template(name)
@@ -157,10 +157,10 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Run one training stage as `config` says; returns where it wrote what."""
     from transformers import TrainingArguments, set_seed
 
-    from ..data.preprocess import PreprocessConfig
-    from ..data.template import get_template
-    from .trainer import TinyLlavaTrainer
-    from .tune import LoraSettings, apply_tuning, count_parameters, resolve_vision_layer
+    from tinyllava_edge.data.preprocess import PreprocessConfig
+    from tinyllava_edge.data.template import get_template
+    from tinyllava_edge.train.trainer import TinyLlavaTrainer
+    from tinyllava_edge.train.tune import LoraSettings, apply_tuning, count_parameters, resolve_vision_layer
 
     started = time.perf_counter()
     out = _check_output(config)
@@ -313,8 +313,8 @@ def _gathered(trainer, model):
 
 def _save_final(trainer, trained, tokenizer, out: Path, config: TrainConfig):
     """Write the Factory layout to `out`; returns the model as written."""
-    from .lora import merge_lora, save_adapter, unload_lora
-    from .trainer import _is_peft
+    from tinyllava_edge.train.lora import merge_lora, save_adapter, unload_lora
+    from tinyllava_edge.train.trainer import _is_peft
 
     model = trainer.accelerator.unwrap_model(trained)
     if _is_peft(model):

@@ -21,9 +21,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..errors import CheckpointError
-from .recipes import PART_MODULES
-from .sampler import LengthGroupedSampler, SeededRandomSampler
+from tinyllava_edge.errors import CheckpointError
+from tinyllava_edge.train.recipes import PART_MODULES
+from tinyllava_edge.train.sampler import LengthGroupedSampler, SeededRandomSampler
 
 TRAINABLE_NAME = "trainable.safetensors"
 

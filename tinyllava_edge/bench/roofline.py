@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 GIB = 1 << 30
 

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, fail
 
 DEFAULT_DOCS = Path("docs")
 DEFAULT_JSON = Path("docs") / "results" / "bench.json"
@@ -22,8 +22,8 @@ DEFAULT_JSON = Path("docs") / "results" / "bench.json"
 
 def build_parser() -> argparse.ArgumentParser:
     # No heavy imports here: --help stays fast (the defaults module imports numpy only).
-    from ..bench import speed
-    from ..bench.contenders import DEFAULT_CONTENDERS
+    from tinyllava_edge.bench import speed
+    from tinyllava_edge.bench.contenders import DEFAULT_CONTENDERS
 
     parser = argparse.ArgumentParser(prog="tinyllava-bench",
                                      description="Benchmarks of tinyllava-edge against the alternatives.")
@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, command: str) -> list[Path]:
-    from ..bench.contenders import DEFAULT_CONTENDERS
-    from ..bench.report import write_outputs
-    from ..bench.speed import run_speed
-    from ..errors import TinyLlavaError
+    from tinyllava_edge.bench.contenders import DEFAULT_CONTENDERS
+    from tinyllava_edge.bench.report import write_outputs
+    from tinyllava_edge.bench.speed import run_speed
+    from tinyllava_edge.errors import TinyLlavaError
 
     if len(args.data) > len(args.model):
         raise TinyLlavaError(f"{len(args.data)} --data for {len(args.model)} --model; give at most one per model")
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, command: str) -> list[Path]:
                            timeout_s=args.timeout)
         results.append(result)
     written = write_outputs(results, args.out, args.json, command, plots=not args.no_plots)
-    from ..bench.report import floors_table, markdown_table
+    from tinyllava_edge.bench.report import floors_table, markdown_table
 
     for result in results:
         print(f"\n{result['scale']}\n{markdown_table(result)}\n\n{floors_table(result)}")

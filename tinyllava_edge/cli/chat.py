@@ -16,17 +16,17 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import TinyLlavaError
-from .common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.errors import TinyLlavaError
 
 HELP = "commands: /image PATH (goes with the next question), /reset (forget the conversation), /quit"
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Defaults come from the runtime (one place); importing it does not import torch.
-    from ..runtime.chat import OVERFLOW_POLICIES
-    from ..runtime.devices import DEVICES
-    from ..runtime.vlm import DEFAULT_MAX_NEW_TOKENS
+    from tinyllava_edge.runtime.chat import OVERFLOW_POLICIES
+    from tinyllava_edge.runtime.devices import DEVICES
+    from tinyllava_edge.runtime.vlm import DEFAULT_MAX_NEW_TOKENS
 
     parser = argparse.ArgumentParser(
         prog="tinyllava-chat",
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(args: argparse.Namespace):
-    from ..runtime import load
+    from tinyllava_edge.runtime import load
 
     options = {"n_threads": args.threads, "n_ctx": args.n_ctx, "dtype": args.dtype}
     return load(args.model, device=args.device, **{k: v for k, v in options.items() if v is not None})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 USER_ERRORS = (TinyLlavaError, OSError)  # what a command reports in one line instead of a traceback
 

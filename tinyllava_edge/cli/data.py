@@ -11,15 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
 
 TOKENIZER_SUBDIR = "tokenizer"
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Defaults come from the generator's config (numpy + PIL, no torch): one place for them.
-    from ..data.shapes import ShapesConfig
-    from ..data.shapes_tokenizer import DEFAULT_VOCAB_SIZE
+    from tinyllava_edge.data.shapes import ShapesConfig
+    from tinyllava_edge.data.shapes_tokenizer import DEFAULT_VOCAB_SIZE
 
     parser = argparse.ArgumentParser(
         prog="tinyllava-data",
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from ..data.shapes import write_dataset
-    from ..data.shapes_tokenizer import check_vocab_size
+    from tinyllava_edge.data.shapes import write_dataset
+    from tinyllava_edge.data.shapes_tokenizer import check_vocab_size
 
     if args.tokenizer:
         check_vocab_size(args.vocab_size)  # before the images, not after
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
             progress=bar.update,
         )
     if args.tokenizer:
-        from ..data.shapes_tokenizer import train_shapes_tokenizer
+        from tinyllava_edge.data.shapes_tokenizer import train_shapes_tokenizer
 
         summary["tokenizer"] = str(
             train_shapes_tokenizer(args.out / TOKENIZER_SUBDIR, args.vocab_size, seed=args.seed)

@@ -13,13 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..apps.demo import DEFAULT_CONCURRENCY, MAX_FILE_SIZE
-    from ..apps.variants import DEFAULT_BUNDLE
-    from ..runtime.devices import DEVICES
+    from tinyllava_edge.apps.demo import DEFAULT_CONCURRENCY, MAX_FILE_SIZE
+    from tinyllava_edge.apps.variants import DEFAULT_BUNDLE
+    from tinyllava_edge.runtime.devices import DEVICES
 
     parser = argparse.ArgumentParser(
         prog="tinyllava-demo",
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..apps.variants import discover
+    from tinyllava_edge.apps.variants import discover
 
     try:
         variants = discover(args.model)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve(variants, args: argparse.Namespace) -> int:
     """Build the page for `variants` and serve it until interrupted (also the main job's last step)."""
     try:
-        from ..apps.demo import build_app
+        from tinyllava_edge.apps.demo import build_app
 
         options = {"n_threads": args.threads} if args.threads else {}
         app = build_app(variants, args.device, concurrency=args.concurrency, load_options=options, preload=True)

@@ -12,16 +12,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import TinyLlavaError
-from .common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
+from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_OUT = Path("runs") / "eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
     # The eval package imports no torch: building the parser stays fast.
-    from ..eval import BENCHMARKS, get_benchmark
-    from ..eval.predictor import DEFAULT_BATCH_SIZE
+    from tinyllava_edge.eval import BENCHMARKS, get_benchmark
+    from tinyllava_edge.eval.predictor import DEFAULT_BATCH_SIZE
 
     files = "\n".join(f"  {name:10s} {get_benchmark(name).files_help}" for name in BENCHMARKS)
     parser = argparse.ArgumentParser(
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sources_from_args(args: argparse.Namespace):
-    from ..eval import Sources
+    from tinyllava_edge.eval import Sources
 
     if args.data is not None:
         if args.benchmark != "shapes":
@@ -75,7 +75,7 @@ def sources_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..eval import get_benchmark, run_benchmark, score_answers
+    from tinyllava_edge.eval import get_benchmark, run_benchmark, score_answers
 
     bench = get_benchmark(args.benchmark)
     sources = sources_from_args(args)
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> dict:
         raise TinyLlavaError("--answers is read with --score-only; without it the model writes the answers")
     if args.model is None:
         raise TinyLlavaError("--model is needed (a checkpoint or bundle directory), or --score-only with --answers")
-    from ..eval import RuntimePredictor, TorchPredictor
-    from ..runtime.loader import backend_kind
+    from tinyllava_edge.eval import RuntimePredictor, TorchPredictor
+    from tinyllava_edge.runtime.loader import backend_kind
 
     max_new_tokens = args.max_new_tokens or bench.max_new_tokens
     settings = {"batch_size": args.batch_size, "max_new_tokens": max_new_tokens, "device": args.device,
@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_summary(results: dict) -> None:
-    from ..eval import get_benchmark
-    from ..eval.report import headline
+    from tinyllava_edge.eval import get_benchmark
+    from tinyllava_edge.eval.report import headline
 
     bench = get_benchmark(results["benchmark"])
     counts = results["counts"]
@@ -133,7 +133,7 @@ def print_summary(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..eval import BadRecordError
+    from tinyllava_edge.eval import BadRecordError
 
     try:
         results = run(args)

@@ -9,12 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
 
 
 def build_parser() -> argparse.ArgumentParser:
     # export.bundle imports nothing heavy at module level: --help stays fast.
-    from ..export.bundle import (
+    from tinyllava_edge.export.bundle import (
         BITS,
         DEFAULT_BITS,
         DEFAULT_CHECK_IMAGES,
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..export import export_bundle
+    from tinyllava_edge.export import export_bundle
 
     return export_bundle(args.model, args.out, fmt=args.format, bits=args.bits, mmproj=not args.no_mmproj,
                          verify=not args.no_verify, progress=not args.quiet, onnx_fp16=args.onnx_fp16,

@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import TinyLlavaError
-from .common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
+from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_WORKDIR = Path("runs") / "tiny-shapes"
 BUNDLE = "bundle"  # the 16-bit edge bundle, under the workdir
@@ -53,7 +53,7 @@ QUICK = {"dataset_overrides": {"n_train": 24, "n_val": 4, "n_test": 12}, "max_st
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..train.preset_recipes import SUMMARY_FILE, train_preset
+    from tinyllava_edge.train.preset_recipes import SUMMARY_FILE, train_preset
 
     work: Path = args.workdir
     if work.exists() and not work.is_dir():
@@ -89,14 +89,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _export(model_dir: Path, bundle_dir: Path) -> None:
-    from ..export import export_bundle
+    from tinyllava_edge.export import export_bundle
 
     export_bundle(model_dir, bundle_dir, fmt="gguf", bits=16, overwrite=True, progress=False)
 
 
 def _ask(bundle_dir: Path, data_dir: Path, n: int) -> tuple[list[dict], dict]:
-    from .. import load
-    from ..export import read_manifest
+    from tinyllava_edge import load
+    from tinyllava_edge.export import read_manifest
 
     manifest = read_manifest(bundle_dir)
     vlm = load(bundle_dir, device="cpu")
@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve_demo(work: Path, port: int) -> int:
     """The last step: the Gradio demo over the edge bundle and the checkpoint it came from."""
-    from ..apps.variants import discover
-    from .demo import build_parser as demo_parser
-    from .demo import serve
+    from tinyllava_edge.apps.variants import discover
+    from tinyllava_edge.cli.demo import build_parser as demo_parser
+    from tinyllava_edge.cli.demo import serve
 
     try:
         variants = [*discover(work / BUNDLE), *discover(work / "model")]

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import TinyLlavaError
-from .common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
+from tinyllava_edge.errors import TinyLlavaError
 
 GGUF_CHOICES = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")  # quant/gguf.py GGUF_TYPES
 ONNX_CHOICES = ("int8", "int4", "int4-gptq")  # quant/onnx.py ONNX_SCHEMES
@@ -79,13 +79,13 @@ def _check_mode(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict:
     _check_mode(args)
     if args.torch:
-        from ..quant import torch_gptq
+        from tinyllava_edge.quant import torch_gptq
 
         options = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
                                      ("n_samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
         return torch_gptq.quantize_gptq(args.checkpoint, args.out, data=args.data, verify=not args.no_verify,
                                         overwrite=args.overwrite, progress=not args.quiet, **options)
-    from ..quant.bundle import quantize_bundle, resolve_quant
+    from tinyllava_edge.quant.bundle import quantize_bundle, resolve_quant
 
     return quantize_bundle(args.bundle, args.out, quant=resolve_quant(args.quant, args.bits), onnx=tuple(args.onnx),
                            vision_default=args.vision_default, mmproj=None if args.keep_mmproj else "Q8_0",

@@ -13,8 +13,8 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
-from ..errors import TinyLlavaError
-from .common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
+from tinyllava_edge.errors import TinyLlavaError
 
 EXAMPLES = """\
 examples:
@@ -39,14 +39,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _defaults() -> dict[str, Any]:
-    from ..train.config import TrainConfig
+    from tinyllava_edge.train.config import TrainConfig
 
     return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.template import TEMPLATES
-    from ..train.recipes import RECIPES, STAGES, TUNE_TYPE_KEYS
+    from tinyllava_edge.data.template import TEMPLATES
+    from tinyllava_edge.train.recipes import RECIPES, STAGES, TUNE_TYPE_KEYS
 
     d = _defaults()
     p = _Parser(
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..train.config import TrainConfig
+    from tinyllava_edge.train.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -140,7 +140,7 @@ _RECIPE_OWN = frozenset({"model", "preset", "tokenizer", "data", "image_folder",
 
 
 def run_preset_recipe(args: argparse.Namespace) -> dict:
-    from ..train.preset_recipes import train_preset
+    from tinyllava_edge.train.preset_recipes import train_preset
 
     defaults = build_parser().parse_args(["--preset", args.preset, "--output", args.output])
     overrides = {k: v for k, v in vars(args).items()
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset is not None and args.data is None and args.tokenizer is None:
             print_recipe_summary(run_preset_recipe(args))
             return 0
-        from ..train import train
+        from tinyllava_edge.train import train
 
         result = train(config_from_args(args))
     except USER_ERRORS as err:

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 

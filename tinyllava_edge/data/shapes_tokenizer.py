@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..constants import DEFAULT_IMAGE_TOKEN
-from ..errors import DataError
-from .shapes import ANSWERS, all_questions, sample_captions
+from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+from tinyllava_edge.data.shapes import ANSWERS, all_questions, sample_captions
+from tinyllava_edge.errors import DataError
 
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, DEFAULT_IMAGE_TOKEN)  # ids 0..4

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..registry import Registry
-from .formats import Answer, BadData, Question, Sources, key_of
+from tinyllava_edge.eval.formats import Answer, BadData, Question, Sources, key_of
+from tinyllava_edge.registry import Registry
 
 # (title, column headers, rows) of one markdown table
 Table = tuple[str, Sequence[str], Sequence[Sequence[Any]]]

@@ -10,7 +10,7 @@ import re
 from collections import defaultdict
 from typing import Hashable, Iterable, Mapping, Sequence
 
-from .normalize import normalize_answer
+from tinyllava_edge.eval.normalize import normalize_answer
 
 SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py `--options`
 _SCIENCEQA_SENTENCE = re.compile(r"The answer is ([A-Z]).")  # eval_science_qa.py, verbatim

@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from .benchmark import BENCHMARKS, Benchmark, Table, Truth
-from .formats import Answer, BadData, Question, Sources, get, image_path, is_json_lines, llava_questions, read_json
+from tinyllava_edge.errors import DataError
+from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Table, Truth
+from tinyllava_edge.eval.formats import Answer, BadData, Question, Sources, get, image_path, is_json_lines, llava_questions, read_json
 
 _OFFICIAL_KEY = re.compile(r"v1_(\d+)")
 

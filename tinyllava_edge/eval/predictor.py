@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Sequence, Union, runtime_checkable
 
-from ..constants import DEFAULT_IMAGE_TOKEN
-from ..errors import TinyLlavaError
+from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+from tinyllava_edge.errors import TinyLlavaError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -58,9 +58,9 @@ class TorchPredictor:
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, dtype: Any = None, template: str | None = None):
         import torch
 
-        from ..data.preprocess import PreprocessConfig
-        from ..data.template import default_template_for_family, get_template
-        from ..model import TinyLlavaForConditionalGeneration, load_tokenizer
+        from tinyllava_edge.data.preprocess import PreprocessConfig
+        from tinyllava_edge.data.template import default_template_for_family, get_template
+        from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer
 
         if batch_size < 1:
             raise TinyLlavaError(f"batch size must be at least 1, got {batch_size}")
@@ -105,7 +105,7 @@ class TorchPredictor:
     def _batch(self, batch: list[Request]) -> list[str]:
         import torch
 
-        from ..data.preprocess import preprocess
+        from tinyllava_edge.data.preprocess import preprocess
 
         prompts = [self.template.encode(
             [{"from": "human", "value": f"{DEFAULT_IMAGE_TOKEN}\n{r.question}" if r.image is not None else r.question}],
@@ -147,7 +147,7 @@ class RuntimePredictor:
 
     def __init__(self, model_dir: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, template: str | None = None, **options: Any):
-        from ..runtime import load
+        from tinyllava_edge.runtime import load
 
         if batch_size < 1:
             raise TinyLlavaError(f"batch size must be at least 1, got {batch_size}")

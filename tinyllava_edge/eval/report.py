@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .benchmark import Benchmark, Table
+from tinyllava_edge.eval.benchmark import Benchmark, Table
 
 
 def fmt(value: Any) -> str:

@@ -15,11 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DataError, TinyLlavaError
-from .benchmark import Benchmark, Truth, get_benchmark
-from .formats import Answer, BadData, Question, Sources, answer_record, read_answers, write_answer
-from .predictor import Predictor, Request
-from .report import results_markdown
+from tinyllava_edge.errors import DataError, TinyLlavaError
+from tinyllava_edge.eval.benchmark import Benchmark, Truth, get_benchmark
+from tinyllava_edge.eval.formats import Answer, BadData, Question, Sources, answer_record, read_answers, write_answer
+from tinyllava_edge.eval.predictor import Predictor, Request
+from tinyllava_edge.eval.report import results_markdown
 
 ANSWERS_FILE = "answers.jsonl"
 RESULTS_FILE = "results.json"

@@ -23,11 +23,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..constants import DEFAULT_IMAGE_TOKEN
-from ..errors import DataError
-from .benchmark import BENCHMARKS, Benchmark, Table, Truth
-from .formats import Answer, BadData, Question, RecordError, Sources, get, image_path, key_of, read_json
-from .metrics import SCIENCEQA_OPTIONS, grouped_accuracy, percent, scienceqa_choice, scienceqa_letter
+from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+from tinyllava_edge.errors import DataError
+from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Table, Truth
+from tinyllava_edge.eval.formats import Answer, BadData, Question, RecordError, Sources, get, image_path, key_of, read_json
+from tinyllava_edge.eval.metrics import SCIENCEQA_OPTIONS, grouped_accuracy, percent, scienceqa_choice, scienceqa_letter
 
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..constants import DEFAULT_IMAGE_TOKEN
-from ..errors import DataError
-from .benchmark import BENCHMARKS, Benchmark, Table, Truth
-from .formats import Answer, BadData, Question, RecordError, Sources, get, image_path, key_of, read_json
-from .metrics import exact_match_text, grouped_accuracy, percent, top_confusions
+from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+from tinyllava_edge.errors import DataError
+from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Table, Truth
+from tinyllava_edge.eval.formats import Answer, BadData, Question, RecordError, Sources, get, image_path, key_of, read_json
+from tinyllava_edge.eval.metrics import exact_match_text, grouped_accuracy, percent, top_confusions
 
 CONFUSIONS_SHOWN = 10
 _GOT_WIDTH = 40  # long wrong answers are cut in the confusion table

@@ -32,14 +32,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from .benchmark import BENCHMARKS, Benchmark, Table, Truth
-from .formats import (
+from tinyllava_edge.errors import DataError
+from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Table, Truth
+from tinyllava_edge.eval.formats import (
     SHORT_ANSWER_PROMPT, Answer, BadData, Question, RecordError, Sources, get, image_path,
     is_json_lines, key_of, llava_questions, question_id, read_json,
 )
-from .metrics import gqa_prediction, grouped_accuracy, percent, vqa_accuracy
-from .normalize import normalize_answer
+from tinyllava_edge.eval.metrics import gqa_prediction, grouped_accuracy, percent, vqa_accuracy
+from tinyllava_edge.eval.normalize import normalize_answer
 
 
 def _short(question: str) -> str:

@@ -26,13 +26,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from .benchmark import BENCHMARKS, Benchmark, Table, Truth
-from .formats import (
+from tinyllava_edge.errors import DataError
+from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Table, Truth
+from tinyllava_edge.eval.formats import (
     SHORT_ANSWER_PROMPT, Answer, BadData, Question, RecordError, Sources, iter_jsonl, key_of,
     llava_questions,
 )
-from .metrics import binary_metrics, mean_of, mme_parse, mme_subtask, pope_parse
+from tinyllava_edge.eval.metrics import binary_metrics, mean_of, mme_parse, mme_subtask, pope_parse
 
 # ---- POPE ----------------------------------------------------------------------------------
 

@@ -6,13 +6,13 @@ Importing this package registers `tinyllava` with transformers' Auto classes, lo
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .checkpoint import KNOWN_TOWERS, LEGACY_FAMILIES, read_checkpoint, save_checkpoint
-from .configuration import TinyLlavaConfig
-from .connector import CONNECTORS
-from .llm import LLM_FAMILIES, family_for
-from .modeling import TinyLlavaForConditionalGeneration, TinyLlavaPreTrainedModel
-from .tokenizer import load_tokenizer
-from .vision import VISION_TOWERS
+from tinyllava_edge.model.checkpoint import KNOWN_TOWERS, LEGACY_FAMILIES, read_checkpoint, save_checkpoint
+from tinyllava_edge.model.configuration import TinyLlavaConfig
+from tinyllava_edge.model.connector import CONNECTORS
+from tinyllava_edge.model.llm import LLM_FAMILIES, family_for
+from tinyllava_edge.model.modeling import TinyLlavaForConditionalGeneration, TinyLlavaPreTrainedModel
+from tinyllava_edge.model.tokenizer import load_tokenizer
+from tinyllava_edge.model.vision import VISION_TOWERS
 
 AutoConfig.register(TinyLlavaConfig.model_type, TinyLlavaConfig, exist_ok=True)
 AutoModelForCausalLM.register(TinyLlavaConfig, TinyLlavaForConditionalGeneration, exist_ok=True)

@@ -29,9 +29,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError
-from .configuration import TinyLlavaConfig
-from .gptq import attach_gptq_llm, gptq_llm_dir
+from tinyllava_edge.errors import CheckpointError
+from tinyllava_edge.model.configuration import TinyLlavaConfig
+from tinyllava_edge.model.gptq import attach_gptq_llm, gptq_llm_dir
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -353,7 +353,7 @@ def _factory_config(raw: Mapping[str, Any], path: Path, state: Mapping[str, torc
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read any supported layout into our config and weight names (no model built)."""
-    from .vision import tower_for_config
+    from tinyllava_edge.model.vision import tower_for_config
 
     path = Path(path)
     raw = read_config_json(path)
@@ -420,7 +420,7 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
 def load_checkpoint(path: str | os.PathLike, dtype: Any = None, device: Any = None):
     from transformers.initialization import no_init_weights
 
-    from .modeling import TinyLlavaForConditionalGeneration
+    from tinyllava_edge.model.modeling import TinyLlavaForConditionalGeneration
 
     ckpt = read_checkpoint(path)
     if dtype == "auto":  # transformers' meaning: the dtype the weights were saved in

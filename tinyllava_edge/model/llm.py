@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..registry import Registry
+from tinyllava_edge.registry import Registry
 
 
 @dataclass(frozen=True)

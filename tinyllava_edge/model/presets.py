@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import TinyLlavaError
-from .configuration import TinyLlavaConfig
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.model.configuration import TinyLlavaConfig
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
-from .checkpoint import LEGACY_FAMILIES, read_config_json
-from .llm import family_for
+from tinyllava_edge.errors import CheckpointError
+from tinyllava_edge.model.checkpoint import LEGACY_FAMILIES, read_config_json
+from tinyllava_edge.model.llm import family_for
 
 
 def text_model_type(raw: dict[str, Any]) -> str | None:

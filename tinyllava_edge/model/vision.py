@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
-from ..errors import TinyLlavaError
-from ..registry import Registry
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
 
 
 @dataclass(frozen=True)

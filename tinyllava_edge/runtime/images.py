@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..data.preprocess import PreprocessConfig, preprocess
-from ..errors import TinyLlavaError
+from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
+from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_CACHE_SIZE = 32  # images' embeddings kept (a 728 x 896 float32 image is ~2.6 MB)
 

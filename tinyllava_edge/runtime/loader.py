@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import TinyLlavaError
-from .backend import BACKENDS
-from .vlm import VLM
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.runtime.backend import BACKENDS
+from tinyllava_edge.runtime.vlm import VLM
 
 VLM_OPTIONS = ("image_cache_size", "vision_batch_size")
 MANIFEST = "manifest.json"  # export/manifest.py MANIFEST_NAME

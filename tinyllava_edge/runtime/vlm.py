@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from ..errors import TinyLlavaError
-from ..llamacpp import split_segments
-from .backend import Backend, positions
-from .images import DEFAULT_CACHE_SIZE, ImageCache, prepare_image
-from .sampling import SamplingParams, TextStream, next_token, sampling_params
-from .stats import GenerationStats, peak_rss_bytes
+from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.llamacpp import split_segments
+from tinyllava_edge.runtime.backend import Backend, positions
+from tinyllava_edge.runtime.images import DEFAULT_CACHE_SIZE, ImageCache, prepare_image
+from tinyllava_edge.runtime.sampling import SamplingParams, TextStream, next_token, sampling_params
+from tinyllava_edge.runtime.stats import GenerationStats, peak_rss_bytes
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_VISION_BATCH = 8
@@ -212,7 +212,7 @@ class VLM:
 
     def chat(self, **options):
         """A :class:`~.chat.ChatSession` on this model (options: see ChatSession)."""
-        from .chat import ChatSession
+        from tinyllava_edge.runtime.chat import ChatSession
 
         return ChatSession(self, **options)
 

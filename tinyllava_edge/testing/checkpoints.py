@@ -16,10 +16,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import TinyLlavaError
-from ..model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _tied_names
-from ..model.configuration import TinyLlavaConfig
-from ..model.modeling import TinyLlavaForConditionalGeneration
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _tied_names
+from tinyllava_edge.model.configuration import TinyLlavaConfig
+from tinyllava_edge.model.modeling import TinyLlavaForConditionalGeneration
 
 # Released LLM configs (values from each model's config.json), with the dims the miniature
 # shrinks. Only architecture-defining settings are kept; sizes are overridden below.
@@ -160,8 +160,8 @@ def _image_token_id(tokenizer, vocab: int) -> int:
 
 
 def _write_tokenizer(family: str, out: Path):
-    from ..model.tokenizer import load_tokenizer
-    from .tokenizers import build_tokenizer
+    from tinyllava_edge.model.tokenizer import load_tokenizer
+    from tinyllava_edge.testing.tokenizers import build_tokenizer
 
     build_tokenizer(TOKENIZER_OF_FAMILY[family], out)
     return load_tokenizer(out, model_type=family)
@@ -297,7 +297,7 @@ def build_miniature_bundle(name: str, out_dir: str | Path, bits: int = 32) -> tu
 
     The runtime, demo and reliability tests share it: fast, and exact at 32 bits.
     """
-    from ..export import export_bundle
+    from tinyllava_edge.export import export_bundle
 
     out = Path(out_dir)
     ckpt = build_miniature(name, out / "ckpt")

@@ -17,9 +17,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyllava_edge.cli.common import human_size
+from tinyllava_edge.bundle import MANIFEST_NAME
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.runtime.loader import CONFIG, MANIFEST, backend_kind
+from tinyllava_edge.runtime.loader import CONFIG, backend_kind
+from tinyllava_edge.sizes import human_size
 
 DEFAULT_WORKDIR = Path("runs/tiny-shapes")
 DEFAULT_BUNDLE = DEFAULT_WORKDIR / "bundle"
@@ -39,7 +40,7 @@ class Variant:
 
 
 def _is_model_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / MANIFEST).is_file() or (path / CONFIG).is_file())
+    return path.is_dir() and ((path / MANIFEST_NAME).is_file() or (path / CONFIG).is_file())
 
 
 def _children(folder: Path) -> list[Variant]:
@@ -63,7 +64,7 @@ def discover(model: str | Path | None, default_bundle: Path = DEFAULT_BUNDLE) ->
         found = _children(path)
         if found:
             return found
-        raise TinyLlavaError(f"{path} is neither a bundle (no {MANIFEST}) nor a checkpoint (no {CONFIG}), and none of "
+        raise TinyLlavaError(f"{path} is neither a bundle (no {MANIFEST_NAME}) nor a checkpoint (no {CONFIG}), and none of "
                              "its subdirectories is one")
     backend_kind(path)  # raises the runtime's sentence: missing, or a file
     raise AssertionError("unreachable: backend_kind accepts only directories")
@@ -72,7 +73,7 @@ def discover(model: str | Path | None, default_bundle: Path = DEFAULT_BUNDLE) ->
 def disk_size(path: Path) -> int:
     """Bytes of the files a variant loads: a bundle's listed files, a checkpoint's top-level files
     (trainer sub-checkpoints such as checkpoint-1200/ are not part of the model)."""
-    manifest = path / MANIFEST
+    manifest = path / MANIFEST_NAME
     if manifest.is_file():
         files = json.loads(manifest.read_text()).get("files", [])
         return sum(int(f.get("size", 0)) for f in files) + manifest.stat().st_size
@@ -89,7 +90,7 @@ def model_card(variant: Variant) -> str:
     """Markdown: what the variant is, its files, and the fidelity measured at export (or the config)."""
     lines = [f"### {variant.name}", f"`{variant.path}` · {human_size(disk_size(variant.path))} on disk"]
     if variant.kind == "edge":
-        manifest = json.loads((variant.path / MANIFEST).read_text())
+        manifest = json.loads((variant.path / MANIFEST_NAME).read_text())
         model = manifest.get("model", {})
         lines += ["", f"**Bundle** format {manifest.get('format', '?')}, {manifest.get('bits', '?')}-bit, "
                       f"created {manifest.get('created', '?')}",

@@ -1,22 +1,18 @@
-"""Exporters: vision+connector to ONNX, LLM to GGUF, mmproj, and the edge bundle that ties them together.
+"""Exporters: vision+connector to ONNX, LLM to GGUF, mmproj, and the 16/32-bit edge bundle that ties
+them together.
 
-Importing this package is light (no torch): the names below load their module on first use.
-`read_manifest` needs nothing beyond the standard library, so the edge runtime can use it.
+Importing this package is light (no torch): the names below load their module on first use. The
+bundle format itself (manifest, reading it back, staging) is `tinyllava_edge.bundle`, which every
+stage shares; quantized bundles come from `tinyllava_edge.quant`.
 """
 
 from importlib import import_module
 
 _LAZY = {
     "export_bundle": "tinyllava_edge.export.bundle",
-    "register_precision": "tinyllava_edge.export.bundle",
     "precision_for": "tinyllava_edge.export.bundle",
     "Precision": "tinyllava_edge.export.bundle",
     "PRECISIONS": "tinyllava_edge.export.bundle",
-    "read_manifest": "tinyllava_edge.export.manifest",
-    "check_parts": "tinyllava_edge.export.manifest",
-    "files_by_role": "tinyllava_edge.export.manifest",
-    "FORMAT_VERSION": "tinyllava_edge.export.manifest",
-    "MANIFEST_NAME": "tinyllava_edge.export.manifest",
     "export_vision_onnx": "tinyllava_edge.export.onnx_vision",
     "write_llm_gguf": "tinyllava_edge.export.gguf_llm",
     "llm_logits_diff": "tinyllava_edge.export.gguf_llm",

@@ -293,7 +293,8 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     the largest of 128/64/32/16 that divides every LLM input width. `seq_len`: tokens per sample,
     image rows included. Returns {path, record, seconds}; the record is also quantization.json.
     """
-    from tinyllava_edge.export.bundle import _move_into_place, _source_record, _staged, _Steps
+    from tinyllava_edge.bundle import move_into_place, source_record, staged
+    from tinyllava_edge.progress import Steps
 
     source, final = Path(checkpoint_dir), Path(out_dir)
     if bits not in FUSED_BITS:
@@ -317,7 +318,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     from tinyllava_edge.data.template import default_template_for_family, get_template
     from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer, save_checkpoint
 
-    steps = _Steps(4 + verify, progress)
+    steps = Steps(4 + verify, progress)
     started = time.perf_counter()
     steps.start(f"reading {source}")
     model = TinyLlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32, device="cpu").eval()
@@ -340,7 +341,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     ids, n_virtual = _virtual_ids(calib, rows, vocab, seq_len)
     calibration = [{"input_ids": i, "attention_mask": [1] * len(i)} for i in ids]
 
-    with _staged(final) as staging:
+    with staged(final) as staging:
         steps.start(f"GPTQ {bits}-bit, group {group}: {len(linears)} linears (GPTQModel {gptqmodel.__version__}, CPU)")
         fp32_dir = staging / ".fp32-llm"
         with quiet():
@@ -382,7 +383,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                             "images": "as virtual tokens: rows appended to the embedding table for the run"},
             "template": template.name, "quantize_seconds": round(t_quant, 2),
             "gptqmodel": gptqmodel.__version__, "torch": torch.__version__,
-            "source": _source_record(source, getattr(model, "checkpoint_layout", "factory")),
+            "source": source_record(source, getattr(model, "checkpoint_layout", "factory")),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if verify:
@@ -390,7 +391,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
             record["fidelity"] = _fidelity(model, staging / GPTQ_LLM_DIR, check, seq_len, bits, group, len(linears))
         record["seconds"] = round(time.perf_counter() - started, 2)
         _write_record(staging, record)
-        _move_into_place(staging, final)
+        move_into_place(staging, final)
         steps.done()
     return {"path": str(final), "record": record, "seconds": record["seconds"]}
 

@@ -35,7 +35,7 @@ def _manifest(bundle: Path) -> dict:
 
 
 def _role(bundle: Path, role: str, quant: str | None = None) -> Path:
-    from tinyllava_edge.export.manifest import files_by_role
+    from tinyllava_edge.bundle import files_by_role
 
     records = [r for r in files_by_role(_manifest(bundle), role) if quant is None or r.get("quant") == quant]
     return bundle / records[0]["name"]

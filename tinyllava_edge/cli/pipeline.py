@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, fail
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.sizes import human_size
 
 DEFAULT_WORKDIR = Path("runs") / "tiny-shapes"
 BUNDLE = "bundle"  # the 16-bit edge bundle, under the workdir
@@ -96,7 +97,7 @@ def _export(model_dir: Path, bundle_dir: Path) -> None:
 
 def _ask(bundle_dir: Path, data_dir: Path, n: int) -> tuple[list[dict], dict]:
     from tinyllava_edge import load
-    from tinyllava_edge.export import read_manifest
+    from tinyllava_edge.bundle import read_manifest
 
     manifest = read_manifest(bundle_dir)
     vlm = load(bundle_dir, device="cpu")

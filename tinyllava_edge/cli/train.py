@@ -13,8 +13,9 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, fail
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.sizes import human_size
 
 EXAMPLES = """\
 examples:

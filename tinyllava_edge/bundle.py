@@ -1,13 +1,13 @@
-"""The bundle manifest: what `export_bundle` writes beside the model files, and reading it back.
+"""The edge bundle's format, owned here because every stage shares it: export writes bundles,
+quant turns one bundle into another, the runtime and the demo read them.
 
-`manifest.json` (format_version 1) ties the parts of a bundle together; the edge runtime reads
-it with :func:`read_manifest`, which refuses a bundle whose files were changed or lost, or whose
-parts disagree (image-embedding width, image-token count, image size), with one sentence naming
-both values. Layout (keys in order):
+A bundle is a directory of model files (vision ONNX graphs, the LLM GGUF, the stock-llama.cpp
+mmproj) and `manifest.json` (format_version 1), which ties the parts together. Layout (keys in
+order):
 
     format_version  1
     created         UTC time, ISO 8601
-    format, bits    what was asked: "gguf" | "onnx", 16 | 32 (quantized bits from the quant stage)
+    format, bits    what was asked: "gguf" | "onnx", 32 | 16 (export) or 8 | 4 ... (quant)
     source          {path, layout, sha256 (of the weights files together), files: [{name, size, sha256}]}
     model           {llm_family, llm_architecture, vision_tower, vision_model_type, connector,
                      hidden_size, image_tokens, image_token_index, vocab_size, tokenizer_size,
@@ -21,10 +21,22 @@ both values. Layout (keys in order):
     files           [{name, role, format, quant, size, sha256, ...role facts}]; roles:
                     vision (+ vision_weights for external ONNX data), llm, mmproj
     skipped         [{role, reason}]: parts that were not written and why
-    validation      {enabled, vision_onnx, llm, tokenizer, mmproj}: the measured figures
+    validation      {enabled, vision_onnx, llm, tokenizer, mmproj}: the figures measured at export
+    vision_default  (quantized bundles) the vision graph the runtime runs by default
+    quantization    (quantized bundles) what the quant stage did and the fidelity it measured
     tools           package versions that wrote the bundle
 
-No torch (or any model library) here: the runtime reads bundles with the standard library.
+:func:`read_manifest` refuses a bundle whose files were changed or lost, or whose parts disagree
+(image-embedding width, image-token count, image size), with one sentence naming both values.
+
+Writing one: a stage assembles the bundle in a staging folder beside the destination
+(:func:`staged`), records each file with :func:`file_record`, writes the manifest with
+:func:`write_manifest`, and renames the folder into place with :func:`move_into_place`, so an
+interrupted or failed run leaves nothing at the destination. :func:`check_destination` refuses
+to replace anything but a previous bundle.
+
+No torch (or any model library) here: the edge runtime reads bundles with the standard library.
+docs/architecture.md places this module among the stages.
 """
 
 from __future__ import annotations
@@ -32,8 +44,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +192,80 @@ def _as_list(value: Any) -> list:
 def files_by_role(manifest: Mapping[str, Any], role: str) -> list[dict]:
     """The `files` entries of one role (e.g. "vision", "llm", "mmproj"), in manifest order."""
     return [f for f in manifest["files"] if f.get("role") == role]
+
+
+# -- writing a bundle: staging, the atomic rename, the source record ---------------------------------
+
+def check_destination(final: Path, overwrite: bool) -> None:
+    """Before any work: one sentence when `final` cannot receive a bundle (a file, an unwritable
+    parent, a non-empty folder without `overwrite`, or one that holds something else than a bundle)."""
+    if final.is_file() or (final.exists() and not final.is_dir()):
+        raise TinyLlavaError(f"output path {final} is a file; expected a directory for the bundle")
+    parent = final.parent
+    for above in (parent, *parent.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise TinyLlavaError(f"cannot create the bundle directory {final}: {above} is a file")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise TinyLlavaError(f"cannot write the bundle {final}: {above} is not writable")
+            break
+    if final.is_dir() and any(final.iterdir()):
+        if not overwrite:
+            raise TinyLlavaError(f"output directory {final} is not empty; pass overwrite=True (--overwrite) to "
+                                 "replace a previous bundle")
+        if not is_bundle(final):
+            raise TinyLlavaError(f"output directory {final} is not empty and holds no bundle {MANIFEST_NAME}; "
+                                 "refusing to replace it")
+
+
+def staging_dir(final: Path) -> Path:
+    """A new hidden folder `.NAME.*.tmp` beside `final` (same filesystem: the rename is atomic)."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise TinyLlavaError(f"cannot write the bundle {final} ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def staged(final: Path) -> Iterator[Path]:
+    """A fresh staging folder beside `final` (see :func:`staging_dir`), removed if the block fails;
+    the block ends by moving it into place with :func:`move_into_place`."""
+    staging = staging_dir(final)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def move_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished bundle to `final`, replacing an empty dir or (checked before) an old bundle."""
+    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / final.name)
+    try:
+        os.replace(staging, final)
+    except OSError:
+        if old is not None:  # put the previous bundle back
+            os.replace(old / final.name, final)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def source_record(source: Path, layout: str) -> dict:
+    """The checkpoint's path, layout and the sha256 of its config and weights files."""
+    names = ["config.json"]
+    index = source / "model.safetensors.index.json"
+    if (source / "model.safetensors").is_file():
+        names.append("model.safetensors")
+    elif index.is_file():
+        names.append(index.name)
+        names += sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    files = [{"name": n, "size": (source / n).stat().st_size, "sha256": sha256_file(source / n)} for n in names]
+    combined = hashlib.sha256("".join(f"{f['name']}:{f['sha256']}\n" for f in files[1:]).encode()).hexdigest()
+    return {"path": str(source.resolve()), "layout": layout, "sha256": combined, "files": files}

@@ -5,10 +5,11 @@ import random
 import pytest
 
 from tinyllava_edge.eval.metrics import (
-    binary_metrics, exact_match_text, gqa_prediction, grouped_accuracy, mme_parse, mme_subtask,
-    pope_parse, scienceqa_choice, scienceqa_letter, top_confusions, vqa_accuracy, vqa_answer_scores,
+    binary_metrics, exact_match_text, gqa_prediction, grouped_accuracy, leave_one_out_accuracy, m4c_accuracy,
+    m4c_answer_scores, mme_parse, mme_subtask, pope_parse, scienceqa_choice, scienceqa_letter, top_confusions,
+    vqa_eval_accuracy,
 )
-from tinyllava_edge.eval.normalize import normalize_answer
+from tinyllava_edge.eval.normalize import normalize_answer, vqa_eval_normalize
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -35,6 +36,34 @@ def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
 
 
+@pytest.mark.parametrize("raw, expected", [
+    ("Two", "2"), ("Two dogs.", "2 dogs"), ("The cat", "cat"), ("dont", "don't"),
+    ("It's", "it's"),                 # no 's split, unlike EvalAI's "it 's"
+    ("red,blue", "red blue"),         # a comma is a mark like any other (EvalAI drops it first)
+    ("red, blue", "red blue"),        # touching a space: deleted
+    ("10,000", "10000"),              # digit,digit: every mark is deleted
+    ("1,,000", "1  000"),             # two commas are no digit,digit comma for vqaEval.py (m4c: "1000")
+    ("t-shirt", "t shirt"), ("What?", "what"), ("2:30", "2:30"),
+])
+def test_vqa_eval_normalize(raw, expected):
+    assert vqa_eval_normalize(raw) == " ".join(expected.split())
+
+
+def test_vqa_eval_accuracy_by_hand():
+    assert leave_one_out_accuracy(3, 10) == pytest.approx(0.9)
+    assert leave_one_out_accuracy(0, 10) == 0.0 and leave_one_out_accuracy(10, 10) == 1.0
+    # the humans disagree: both sides are normalised ("Two." -> "2", "two" -> "2": 3 of 10)
+    assert vqa_eval_accuracy("Two.", ["two", "2", "2"] + ["three"] * 7) == pytest.approx(0.9)
+    # all ten agree: nothing is normalised, only stripped
+    assert vqa_eval_accuracy("Yes", ["yes"] * 10) == 0.0
+    assert vqa_eval_accuracy(" yes\n", ["yes"] * 10) == 1.0
+    assert vqa_eval_accuracy("two", ["2"] * 10) == 0.0
+    assert vqa_eval_accuracy("it's", ["it's"] * 6 + ["its"] * 4) == pytest.approx(1.0)
+    assert vqa_eval_accuracy("it 's", ["it's"] * 6 + ["its"] * 4) == 0.0  # EvalAI's split never matches
+    assert vqa_eval_accuracy("cat", ["cat", "dog"]) == pytest.approx(0.5 * 1 / 3)  # any number of humans
+    assert vqa_eval_accuracy("cat", []) == 0.0
+
+
 def _m4c_scores(answers):
     """m4c_evaluator.py's _compute_answer_scores loop, written out as the original has it."""
     answers = [normalize_answer(a) for a in answers]
@@ -49,25 +78,25 @@ def _m4c_scores(answers):
     return scores
 
 
-def test_vqa_accuracy_by_hand():
+def test_m4c_accuracy_by_hand():
     # 3 of 10 said "cat": 3 subsets keep 2 matches (2/3), 7 keep 3 (1): (3*2/3 + 7) / 10 = 0.9
-    assert vqa_accuracy("cat", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)
-    assert vqa_accuracy("dog", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(1.0)
+    assert m4c_accuracy("cat", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)
+    assert m4c_accuracy("dog", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(1.0)
     # 1 of 10: 9 subsets keep 1 match (1/3): 9/3/10 = 0.3
-    assert vqa_accuracy("cat", ["cat"] + ["dog"] * 9) == pytest.approx(0.3)
+    assert m4c_accuracy("cat", ["cat"] + ["dog"] * 9) == pytest.approx(0.3)
     # 2 of 10: (2 * 1/3 + 8 * 2/3) / 10 = 0.6
-    assert vqa_accuracy("yes", ["yes"] * 2 + ["no"] * 8) == pytest.approx(0.6)
-    assert vqa_accuracy("bird", ["cat"] * 10) == 0.0
+    assert m4c_accuracy("yes", ["yes"] * 2 + ["no"] * 8) == pytest.approx(0.6)
+    assert m4c_accuracy("bird", ["cat"] * 10) == 0.0
     # normalisation applies to the prediction and to the human answers
-    assert vqa_accuracy("Two.", ["two", "2", "2"] + ["three"] * 7) == pytest.approx(0.9)
+    assert m4c_accuracy("Two.", ["two", "2", "2"] + ["three"] * 7) == pytest.approx(0.9)
 
 
-def test_vqa_scores_match_m4c_loop():
+def test_m4c_scores_match_m4c_loop():
     rng = random.Random(0)
     vocab = ["yes", "no", "Two", "2", "the cat", "cat", "red", "blue."]
     for _ in range(200):
         answers = [rng.choice(vocab) for _ in range(10)]
-        ours = vqa_answer_scores(answers)
+        ours = m4c_answer_scores(answers)
         reference = _m4c_scores(answers)
         assert ours.keys() == reference.keys()
         for k in ours:
@@ -104,7 +133,8 @@ def test_binary_metrics_by_hand():
 @pytest.mark.parametrize("text, expected", [
     ("Yes", "yes"), ("no.", "no"), (" NO", "no"), ("Yes, it is.", "yes"),
     ("The answer is yes", "other"),   # calculation.py only looks at the first four characters
-    ("ayes", "yes"), ("I think", "other"),
+    ("ayes", "yes"), ("I think", "other"), ("nope", "no"), (" not sure", "no"),
+    ("  no", "no"), ("  yes", "other"), ("   No", "other"),  # nothing is stripped: spaces use up the four
 ])
 def test_mme_parse(text, expected):
     assert mme_parse(text) == expected

@@ -121,9 +121,12 @@ def print_summary(results: dict) -> None:
     seconds = results["seconds"]
     timing = f" in {seconds['predict']:.1f} s ({seconds['per_question']:.3f} s/question)" if "predict" in seconds else ""
     print(f"{bench.title}: {counts['answers']} answers, {counts['scored']} scored{timing}")
-    print(f"  {headline(bench, results['metrics'])}")
+    scored_as = f" (scored as {results['scorer']})" if results["metrics"] else ""
+    print(f"  {headline(bench, results['metrics'])}{scored_as}")
     if results.get("note"):
         print(f"  {results['note']}")
+    if (results.get("submission") or {}).get("note"):
+        print(f"  {results['submission']['note']}")
     if results["skipped"]["count"]:
         print(f"  skipped {results['skipped']['count']} bad records (listed in results.json)")
     for name, path in results["files"].items():

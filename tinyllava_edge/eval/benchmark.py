@@ -52,7 +52,11 @@ class Benchmark:
     scored here (VQAv2 test-dev without annotations, MM-Vet: graded by GPT-4);
     ``score(pairs)`` -> metrics from (answer, ground-truth record) pairs;
     ``tables(metrics)`` -> markdown tables; ``headline`` names the metrics of the summary line;
-    ``write_extras(answers, out_dir)`` -> submission files in the benchmark's official format.
+    ``scorer`` says whose scoring code the metrics reproduce (recorded in every result);
+    ``write_extras(answers, out_dir, questions)`` -> (files, facts): submission files in the
+    benchmark's official format, and what a reader should know about them (recorded under
+    ``submission``). ``questions`` are all the questions of the questions file, or None when
+    no questions file was read (scoring an answers file without ``--questions``).
     """
 
     name: str
@@ -64,7 +68,8 @@ class Benchmark:
     tables: Callable[[dict], list[Table]]
     headline: tuple[str, ...]
     files_help: str  # which --questions / --image-folder / --annotations it reads
-    write_extras: Callable[[list[Answer], Path], dict[str, Path]] | None = None
+    scorer: str
+    write_extras: Callable[[list[Answer], Path, list[Question] | None], tuple[dict[str, Path], dict]] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 

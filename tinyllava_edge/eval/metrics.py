@@ -10,7 +10,7 @@ import re
 from collections import defaultdict
 from typing import Hashable, Iterable, Mapping, Sequence
 
-from tinyllava_edge.eval.normalize import normalize_answer
+from tinyllava_edge.eval.normalize import normalize_answer, vqa_eval_normalize
 
 SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py `--options`
 _SCIENCEQA_SENTENCE = re.compile(r"The answer is ([A-Z]).")  # eval_science_qa.py, verbatim
@@ -21,15 +21,52 @@ def percent(part: float, whole: float) -> float:
     return 100.0 * part / whole if whole else 0.0
 
 
-# ---- VQAv2 / TextVQA -----------------------------------------------------------------------
+# ---- VQAv2: the official VQA evaluator -------------------------------------------------------
 
-def vqa_answer_scores(human_answers: Sequence[str]) -> dict[str, float]:
-    """Soft score of every distinct (normalised) human answer, m4c's ``_compute_answer_scores``.
+def leave_one_out_accuracy(matches: int, n: int) -> float:
+    """Mean of ``min(1, matching humans / 3)`` over the n subsets that leave one human out, for
+    an answer that ``matches`` of the n humans gave (the VQA accuracy formula)."""
+    # Leaving out a matching human leaves matches-1 in the subset; leaving out another leaves all.
+    own = matches * min(1.0, (matches - 1) / 3)
+    other = (n - matches) * min(1.0, matches / 3)
+    return (own + other) / n
+
+
+def _vqa_eval_text(text: str) -> str:
+    # vqaEval.py turns line breaks and tabs into spaces and strips every answer, always
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_eval_accuracy(answer: str, human_answers: Sequence[str]) -> float:
+    """VQA accuracy of one answer in [0, 1], as GT-Vision-Lab/VQA ``vqaEval.py`` computes it.
+
+    Answers are stripped. Only when the human answers are not all the same text does the
+    evaluator normalise, and then both sides (:func:`normalize.vqa_eval_normalize`); when all
+    agree, the answer must equal theirs as written ("Yes" does not match ten "yes"). The score
+    is ``min(1, matches / 3)`` over each leave-one-out subset of the humans (10 choose 9 for
+    VQAv2), averaged. vqaEval.py leaves out a whole answer record, which is leaving out one
+    position wherever the records differ, as their ``answer_id`` makes them in every release.
+    """
+    humans = [_vqa_eval_text(h) for h in human_answers]
+    if not humans:
+        return 0.0
+    answer = _vqa_eval_text(answer)
+    if len(set(humans)) > 1:
+        humans = [vqa_eval_normalize(h) for h in humans]
+        answer = vqa_eval_normalize(answer)
+    return leave_one_out_accuracy(sum(h == answer for h in humans), len(humans))
+
+
+# ---- TextVQA: m4c (EvalAI processing), as LLaVA's eval_textvqa.py ---------------------------
+
+def m4c_answer_scores(human_answers: Sequence[str]) -> dict[str, float]:
+    """Soft score of every distinct (EvalAI-normalised) human answer, m4c's ``_compute_answer_scores``.
 
     For each of the n human answers, count how many of the *other* n-1 gave the candidate; the
     candidate scores ``min(1, count / 3)`` on that subset, and its score is the mean over the n
-    leave-one-out subsets (the 10-choose-9 subsets for VQA's ten answers). m4c asserts exactly
-    ten answers; any n >= 1 is accepted here and gives the same formula.
+    leave-one-out subsets. m4c asserts exactly ten answers; any n >= 1 is accepted here and
+    gives the same formula. Unlike :func:`vqa_eval_accuracy`, every answer is normalised, also
+    when all humans agree.
     """
     answers = [normalize_answer(a) for a in human_answers]
     n = len(answers)
@@ -38,19 +75,12 @@ def vqa_answer_scores(human_answers: Sequence[str]) -> dict[str, float]:
     counts: dict[str, int] = defaultdict(int)
     for a in answers:
         counts[a] += 1
-    scores = {}
-    for candidate, total in counts.items():
-        # Leaving out one of the candidate's own answers leaves total-1 matches; leaving out
-        # another answer leaves all `total`.
-        own = total * min(1.0, (total - 1) / 3)
-        other = (n - total) * min(1.0, total / 3)
-        scores[candidate] = (own + other) / n
-    return scores
+    return {candidate: leave_one_out_accuracy(total, n) for candidate, total in counts.items()}
 
 
-def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+def m4c_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """VQA accuracy of one prediction in [0, 1] (m4c ``TextVQAAccuracyEvaluator``)."""
-    return vqa_answer_scores(human_answers).get(normalize_answer(prediction), 0.0)
+    return m4c_answer_scores(human_answers).get(normalize_answer(prediction), 0.0)
 
 
 # ---- GQA -----------------------------------------------------------------------------------
@@ -102,19 +132,15 @@ def binary_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict:
 # ---- MME -----------------------------------------------------------------------------------
 
 def mme_parse(text: str) -> str:
-    """``"yes"``, ``"no"`` or ``"other"``: LLaVA's ``convert_answer_to_mme.py`` then MME's
-    ``eval_tool/calculation.py`` (``parse_pred_ans``), composed.
+    """``"yes"``, ``"no"`` or ``"other"``, as MME's ``eval_tool/calculation.py`` reads an answer.
 
-    The converter lower-cases the stripped text and maps a ``yes``/``no`` prefix to Yes/No; the
-    calculator lower-cases again, keeps exact yes/no, else looks for "yes" then "no" in the
-    first four characters.
+    LLaVA's ``convert_answer_to_mme.py`` writes the answer text unchanged; ``parse_pred_ans``
+    lower-cases it and looks for "yes", then "no", in its first four characters. Nothing is
+    stripped first, so leading whitespace counts: " yes" is yes, "  yes" is other. (An answer
+    holding a tab or line break cannot be written into calculation.py's files at all, as they
+    are split on both; the same rule is applied to it here.)
     """
-    pred = text.strip().lower()
-    if pred.startswith("yes"):
-        return "yes"
-    if pred.startswith("no"):
-        return "no"
-    head = pred[:4]
+    head = text.lower()[:4]
     if "yes" in head:
         return "yes"
     if "no" in head:

@@ -17,7 +17,9 @@ from typing import Any
 
 from tinyllava_edge.errors import DataError
 from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Table, Truth
-from tinyllava_edge.eval.formats import Answer, BadData, Question, Sources, get, image_path, is_json_lines, llava_questions, read_json
+from tinyllava_edge.eval.formats import (
+    Answer, BadData, Question, Sources, get, image_path, is_json_lines, llava_questions, read_json,
+)
 
 _OFFICIAL_KEY = re.compile(r"v1_(\d+)")
 
@@ -47,10 +49,11 @@ def submission_key(question_id: Any) -> str:
     return text if text.startswith("v1_") else f"v1_{text}"
 
 
-def write_mmvet_submission(answers: list[Answer], out_dir: Path) -> dict[str, Path]:
+def write_mmvet_submission(answers: list[Answer], out_dir: Path,
+                           questions: list[Question] | None) -> tuple[dict[str, Path], dict]:
     path = out_dir / "mmvet_submission.json"
     path.write_text(json.dumps({submission_key(a.question_id): a.text for a in answers}, indent=2), encoding="utf-8")
-    return {"submission": path}
+    return {"submission": path}, {}
 
 
 def _no_truth(src: Sources, bad: BadData) -> Truth | None:
@@ -67,4 +70,5 @@ BENCHMARKS.add("mmvet", Benchmark(
     headline=(), write_extras=write_mmvet_submission,
     files_help="--questions mm-vet.json or llava-mm-vet.jsonl, --image-folder mm-vet/images",
     extra={"unscored_note": "MM-Vet is graded by GPT-4 with MM-Vet's evaluator: give it mmvet_submission.json."},
+    scorer="none here: MM-Vet's GPT-4 grader scores mmvet_submission.json",
 ))

@@ -1,8 +1,10 @@
-"""The standard VQA answer normalisation (EvalAI's, as m4c_evaluator.py has it).
+"""VQA answer processing, two variants: the official VQA evaluator's and EvalAI's (m4c).
 
-Reproduces ``EvalAIAnswerProcessor`` of TinyLLaVA_Factory's and LLaVA's
-``tinyllava/eval/m4c_evaluator.py`` (copied there from facebookresearch/mmf
-``pythia/tasks/processors.py``), step for step, quirks included:
+Both share one table of contractions, number words and articles and one list of punctuation
+marks; they differ in what runs before, and in when the official evaluator applies them at all.
+
+:func:`normalize_answer` reproduces ``EvalAIAnswerProcessor`` of LLaVA's and TinyLLaVA_Factory's
+``eval/m4c_evaluator.py`` (from facebookresearch/mmf), step for step, quirks included:
 
 1. lower-case; drop ``,`` and ``?``; ``'s`` becomes `` 's`` (so "it's" -> "it 's");
 2. newlines and tabs become spaces; strip;
@@ -15,11 +17,14 @@ Reproduces ``EvalAIAnswerProcessor`` of TinyLLaVA_Factory's and LLaVA's
 4. number words zero..ten (and "none") become digits, the articles a/an/the are dropped, and
    contraction spellings without apostrophes get them ("dont" -> "don't").
 
-The official VQA script (GT-Vision-Lab/VQA ``vqaEval.py``) differs in small ways: its
-punctuation list has ``:`` and ``'`` but not ``{ } - !``, its contractions use curly quotes,
-it skips step 1, and it normalises the human answers only by punctuation and only when they
-disagree. LLaVA and TinyLLaVA use the EvalAI processor for TextVQA and to write VQAv2
-submissions (``convert_vqav2_for_submission.py``), so this module is the one used here.
+LLaVA uses it for TextVQA (``eval_textvqa.py``) and to write the VQAv2 submission
+(``convert_vqav2_for_submission.py``).
+
+:func:`vqa_eval_normalize` is what the official VQA evaluator (GT-Vision-Lab/VQA ``vqaEval.py``,
+the code the VQA server runs) does to an answer: steps 3 and 4 only, with its own digit,digit
+test (exactly one comma between two digits). No lower-casing before step 3, no comma or
+question-mark removal first, no split of "'s" ("it's" stays "it's"). The evaluator applies it
+only to questions whose human answers differ (see ``metrics.vqa_eval_accuracy``).
 
 Pure Python; no torch.
 """
@@ -73,9 +78,11 @@ NUMBER_MAP: Mapping[str, str] = MappingProxyType({
 ARTICLES = ("a", "an", "the")
 PUNCTUATIONS = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
                 "@", "`", ",", "?", "!")
-# Both regexes verbatim from m4c_evaluator.py (see the module docstring for their quirks).
+# The period rule of both processors, quirks kept (see the module docstring).
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# "Does the text hold a comma between digits?": m4c accepts a run of commas, vqaEval.py exactly one.
 COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+VQA_EVAL_DIGIT_COMMA = re.compile(r"\d,\d")
 _PERIOD_STRIP_COUNT = int(re.UNICODE)  # the original's positional `re.UNICODE` lands in `count`
 
 
@@ -85,9 +92,9 @@ def word_tokenize(text: str) -> str:
     return text.strip()
 
 
-def process_punctuation(text: str) -> str:
+def process_punctuation(text: str, digit_comma: re.Pattern = COMMA_STRIP) -> str:
     out = text
-    touches_digits = COMMA_STRIP.search(text) is not None
+    touches_digits = digit_comma.search(text) is not None
     for p in PUNCTUATIONS:
         # The test looks at the *input* text each time, as the original does.
         if (p + " " in text or " " + p in text) or touches_digits:
@@ -109,3 +116,9 @@ def normalize_answer(answer: str) -> str:
     text = text.replace("\n", " ").replace("\t", " ").strip()
     text = process_punctuation(text)
     return process_digit_article(text)
+
+
+def vqa_eval_normalize(answer: str) -> str:
+    """An answer as the official VQA evaluator normalises it: ``"Two dogs."`` -> ``"2 dogs"``,
+    ``"It's"`` -> ``"it's"`` (EvalAI's processor gives ``"it 's"``)."""
+    return process_digit_article(process_punctuation(answer, VQA_EVAL_DIGIT_COMMA))

@@ -39,11 +39,14 @@ def results_markdown(bench: Benchmark, results: dict) -> str:
             [[counts["answers"], counts["scored"], results["skipped"]["count"], headline(bench, metrics)]],
         ),
     ]
+    parts += ["", f"Scored as {results['scorer']}."]
     tables: list[Table] = bench.tables(metrics) if metrics else []
     for title, headers, rows in tables:
         parts += ["", f"## {title}", "", markdown_table(headers, rows)]
     if results.get("note"):
         parts += ["", results["note"]]
+    if (results.get("submission") or {}).get("note"):
+        parts += ["", results["submission"]["note"]]
     if results["skipped"]["records"]:
         parts += ["", "## Skipped records", ""]
         parts += [f"- {r}" for r in results["skipped"]["records"]]

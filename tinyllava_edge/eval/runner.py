@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 from tinyllava_edge.errors import DataError, TinyLlavaError
 from tinyllava_edge.eval.benchmark import Benchmark, Truth, get_benchmark
-from tinyllava_edge.eval.formats import Answer, BadData, Question, Sources, answer_record, read_answers, write_answer
+from tinyllava_edge.eval.formats import (
+    Answer, BadData, Question, Sources, answer_record, read_answers, write_answer,
+)
 from tinyllava_edge.eval.predictor import Predictor, Request
 from tinyllava_edge.eval.report import results_markdown
 
@@ -45,9 +47,9 @@ def run_benchmark(benchmark: str | Benchmark, predictor: Predictor | Callable[[]
     out = _out_dir(out_dir)
     bad = BadData(skip_bad)
     started = time.perf_counter()
-    questions = bench.read_questions(sources, bad)
-    n_read = len(questions)
-    questions = questions[:limit] if limit is not None else questions
+    read = bench.read_questions(sources, bad)
+    n_read = len(read)
+    questions = read[:limit] if limit is not None else read
     truth = bench.load_truth(sources, bad)
     # Every check before the model runs, so bad data fails in seconds, not after the predictions.
     if truth is not None:
@@ -78,7 +80,7 @@ def run_benchmark(benchmark: str | Benchmark, predictor: Predictor | Callable[[]
             bar.update(len(chunk))
     predict_seconds = time.perf_counter() - predict_start
 
-    results = _finish(bench, answers, truth, bad, out, model=predictor.model_id, sources=sources,
+    results = _finish(bench, answers, truth, bad, out, model=predictor.model_id, sources=sources, questions=read,
                       answers_path=answers_path, counts={"questions": n_read, "asked": len(questions)},
                       settings={**(settings or {}), "limit": limit, "decoding": "greedy"})
     results["seconds"] = {"predict": predict_seconds, "total": time.perf_counter() - started,
@@ -88,7 +90,11 @@ def run_benchmark(benchmark: str | Benchmark, predictor: Predictor | Callable[[]
 
 def score_answers(benchmark: str | Benchmark, answers_file: str | Path, sources: Sources, out_dir: str | Path, *,
                   skip_bad: bool = False) -> dict:
-    """Score an answers file (LLaVA format) against the benchmark's ground truth."""
+    """Score an answers file (LLaVA format) against the benchmark's ground truth.
+
+    With ``sources.questions``, the benchmark's submission file lists every question of that
+    file (VQAv2: give LLaVA's llava_vqav2_mscoco_test2015.jsonl for the server's test phases).
+    """
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     answers_path = Path(answers_file)
     if not answers_path.is_file():
@@ -100,8 +106,12 @@ def score_answers(benchmark: str | Benchmark, answers_file: str | Path, sources:
     if not answers:
         raise DataError(f"{answers_path} holds no answers")
     truth = bench.load_truth(sources, bad)
-    results = _finish(bench, answers, truth, bad, out, model=None, sources=sources, answers_path=answers_path,
-                      counts={}, settings={"score_only": True})
+    # the questions file, when given, is what a submission file lists in full
+    questions = None
+    if bench.write_extras is not None and sources.questions is not None:
+        questions = bench.read_questions(sources, bad)
+    results = _finish(bench, answers, truth, bad, out, model=None, sources=sources, questions=questions,
+                      answers_path=answers_path, counts={}, settings={"score_only": True})
     results["seconds"] = {"total": time.perf_counter() - started}
     return _write(bench, results, out)
 
@@ -166,14 +176,15 @@ def _pairs(answers: list[Answer], truth: Truth, bad: BadData) -> list[tuple[Answ
 
 
 def _finish(bench: Benchmark, answers: list[Answer], truth: Truth | None, bad: BadData, out: Path, *,
-            model: str | None, sources: Sources, answers_path: Path, counts: dict, settings: dict) -> dict:
+            model: str | None, sources: Sources, questions: list[Question] | None, answers_path: Path, counts: dict,
+            settings: dict) -> dict:
     metrics, note, pairs = None, None, []
     if truth is None or bench.score is None:
         note = bench.extra.get("unscored_note")
     else:
         pairs = _pairs(answers, truth, bad)
         metrics = bench.score(pairs)
-    extras = bench.write_extras(answers, out) if bench.write_extras else {}
+    extras, submission = bench.write_extras(answers, out, questions) if bench.write_extras else ({}, None)
     files = {"answers": answers_path, "results": out / RESULTS_FILE, "markdown": out / MARKDOWN_FILE, **extras}
     return {
         "benchmark": bench.name,
@@ -186,8 +197,10 @@ def _finish(bench: Benchmark, answers: list[Answer], truth: Truth | None, bad: B
         "counts": {**counts, "answers": len(answers), "scored": len(pairs)},
         "skipped": bad.to_dict(),
         "units": "percent",
+        "scorer": bench.scorer,
         "metrics": metrics,
         "note": note,
+        "submission": submission or None,
         "files": {k: str(v) for k, v in files.items()},
     }
 

@@ -26,8 +26,12 @@ from typing import Any
 from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
 from tinyllava_edge.errors import DataError
 from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Table, Truth
-from tinyllava_edge.eval.formats import Answer, BadData, Question, RecordError, Sources, get, image_path, key_of, read_json
-from tinyllava_edge.eval.metrics import SCIENCEQA_OPTIONS, grouped_accuracy, percent, scienceqa_choice, scienceqa_letter
+from tinyllava_edge.eval.formats import (
+    Answer, BadData, Question, RecordError, Sources, get, image_path, key_of, read_json,
+)
+from tinyllava_edge.eval.metrics import (
+    SCIENCEQA_OPTIONS, grouped_accuracy, percent, scienceqa_choice, scienceqa_letter,
+)
 
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 
@@ -146,4 +150,5 @@ BENCHMARKS.add("scienceqa", Benchmark(
     tables=scienceqa_tables, headline=("img_accuracy", "accuracy"),
     files_help="--annotations DIR with problems.json + pid_splits.json, --image-folder images/test, "
                "optionally --questions llava_test_CQM-A.json, --split (default test)",
+    scorer="LLaVA's eval_science_qa.py",
 ))

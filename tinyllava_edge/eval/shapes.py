@@ -16,7 +16,9 @@ from pathlib import Path
 from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
 from tinyllava_edge.errors import DataError
 from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Table, Truth
-from tinyllava_edge.eval.formats import Answer, BadData, Question, RecordError, Sources, get, image_path, key_of, read_json
+from tinyllava_edge.eval.formats import (
+    Answer, BadData, Question, RecordError, Sources, get, image_path, key_of, read_json,
+)
 from tinyllava_edge.eval.metrics import exact_match_text, grouped_accuracy, percent, top_confusions
 
 CONFUSIONS_SHOWN = 10
@@ -80,4 +82,5 @@ BENCHMARKS.add("shapes", Benchmark(
     read_questions=read_shapes_questions, load_truth=load_shapes_truth, score=score_shapes,
     tables=shapes_tables, headline=("exact_match",),
     files_help="--data DIR written by tinyllava-data and --split (default test)",
+    scorer="exact match after strip, final period dropped, lower-case (this project's)",
 ))

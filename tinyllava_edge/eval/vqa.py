@@ -18,16 +18,30 @@ Question files, either format:
 
 Ground truth: VQAv2 ``v2_mscoco_*_annotations.json`` (``{"annotations": [{"question_id",
 "answers": [{"answer"} x 10], "answer_type", "question_type"}]}``); GQA the official questions
-file; TextVQA the official file. Scoring follows m4c_evaluator.py (VQAv2, TextVQA: VQA accuracy
-after EvalAI normalisation), GQA's ``eval.py`` (exact match of ``text.rstrip('.').lower()``
-on balanced questions; "open" = structural type ``query``) and LLaVA's ``eval_textvqa.py``
-(answers are matched by image id and lower-cased question, as LLaVA's TextVQA file uses the
-image id as ``question_id``).
+file; TextVQA the official file.
+
+Scoring, each as the code whose numbers people report:
+
+* VQAv2: the answers as LLaVA's ``convert_vqav2_for_submission.py`` submits them (EvalAI
+  processing, :func:`normalize.normalize_answer`), scored by the official VQA evaluator
+  (GT-Vision-Lab/VQA ``vqaEval.py``, what the VQA server runs: :func:`metrics.vqa_eval_accuracy`),
+  so a val score is what the server gives for the same submission file;
+* TextVQA: m4c's ``TextVQAAccuracyEvaluator`` as LLaVA's ``eval_textvqa.py`` runs it (EvalAI
+  processing of both sides, always); answers are matched by image id and lower-cased question,
+  as LLaVA's TextVQA file uses the image id as ``question_id``;
+* GQA: ``eval.py`` (exact match of ``text.rstrip('.').lower()`` on balanced questions; "open" =
+  structural type ``query``).
+
+The VQAv2 submission (``vqav2_submission.json``, ``[{"question_id", "answer"}]``) lists every
+question of the questions file, in its order, with ``""`` for the unanswered ones: the
+evaluator refuses a results file that misses a question, and LLaVA's converter fills every
+test2015 question the same way.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -38,7 +52,9 @@ from tinyllava_edge.eval.formats import (
     SHORT_ANSWER_PROMPT, Answer, BadData, Question, RecordError, Sources, get, image_path,
     is_json_lines, key_of, llava_questions, question_id, read_json,
 )
-from tinyllava_edge.eval.metrics import gqa_prediction, grouped_accuracy, percent, vqa_accuracy
+from tinyllava_edge.eval.metrics import (
+    gqa_prediction, grouped_accuracy, m4c_accuracy, percent, vqa_eval_accuracy,
+)
 from tinyllava_edge.eval.normalize import normalize_answer
 
 
@@ -63,7 +79,10 @@ def _human_answers(rec: dict) -> list[str]:
 
 
 def _write_json(path: Path, obj: Any) -> Path:
-    path.write_text(json.dumps(obj), encoding="utf-8")
+    # whole or not at all: a submission cut short would be refused only at the server
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(obj), encoding="utf-8")
+    os.replace(partial, path)
     return path
 
 
@@ -97,18 +116,33 @@ def load_vqav2_truth(src: Sources, bad: BadData) -> Truth | None:
         return key_of(question_id(rec)), {
             "answers": _human_answers(rec),
             "answer_type": str(rec.get("answer_type", "unknown")),
+            "question_type": str(rec.get("question_type", "unknown")),
         }
 
     records = dict(bad.records(((f"{path}, annotations[{i}]", r) for i, r in enumerate(items)), parse))
     return Truth(path, records)
 
 
-def score_vqa(pairs: list[tuple[Answer, dict]]) -> dict:
-    scored = [(gt.get("answer_type", "all"), vqa_accuracy(a.text, gt["answers"])) for a, gt in pairs]
+def submitted_answer(text: str) -> str:
+    """A VQAv2 answer as the submission file holds it (LLaVA's converter: EvalAI processing)."""
+    return normalize_answer(text)
+
+
+def _vqa_metrics(scored: list[tuple[dict, float]]) -> dict:
     metrics = {"n": len(scored), "accuracy": percent(sum(s for _, s in scored), len(scored))}
-    if any(gt.get("answer_type") for _, gt in pairs):
-        metrics["per_answer_type"] = grouped_accuracy(scored)
+    if any(gt.get("answer_type") for gt, _ in scored):
+        metrics["per_answer_type"] = grouped_accuracy((gt["answer_type"], s) for gt, s in scored)
+    if any(gt.get("question_type") for gt, _ in scored):
+        metrics["per_question_type"] = grouped_accuracy((gt["question_type"], s) for gt, s in scored)
     return metrics
+
+
+def score_vqav2(pairs: list[tuple[Answer, dict]]) -> dict:
+    return _vqa_metrics([(gt, vqa_eval_accuracy(submitted_answer(a.text), gt["answers"])) for a, gt in pairs])
+
+
+def score_textvqa(pairs: list[tuple[Answer, dict]]) -> dict:
+    return _vqa_metrics([(gt, m4c_accuracy(a.text, gt["answers"])) for a, gt in pairs])
 
 
 def vqa_tables(m: dict) -> list[Table]:
@@ -117,11 +151,30 @@ def vqa_tables(m: dict) -> list[Table]:
     return [("VQA accuracy", ["answer type", "questions", "accuracy"], rows)]
 
 
-def write_vqav2_submission(answers: list[Answer], out_dir: Path) -> dict[str, Path]:
-    # convert_vqav2_for_submission.py: [{"question_id", "answer": EvalAI-normalised text}]. That
-    # script also lists every unanswered test-dev question with answer ""; here only answers are.
-    rows = [{"question_id": a.question_id, "answer": normalize_answer(a.text)} for a in answers]
-    return {"submission": _write_json(out_dir / "vqav2_submission.json", rows)}
+def write_vqav2_submission(answers: list[Answer], out_dir: Path,
+                           questions: list[Question] | None) -> tuple[dict[str, Path], dict]:
+    """``vqav2_submission.json``: every question of ``questions`` in order, answered or ``""``
+    (convert_vqav2_for_submission.py's file); only the answers when there are no questions."""
+    name = "vqav2_submission.json"
+    if questions is None:
+        rows = [{"question_id": a.question_id, "answer": submitted_answer(a.text)} for a in answers]
+        facts = {"questions": None, "answered": len(rows), "empty": 0, "answers_not_listed": 0,
+                 "note": f"{name} lists only the {len(rows)} answered questions; the VQA server needs every "
+                         "question: score again with --questions (LLaVA's llava_vqav2_mscoco_test2015.jsonl "
+                         "for test-dev and test-standard)."}
+    else:
+        by_id = {key_of(a.question_id): submitted_answer(a.text) for a in answers}  # a repeated id: the last answer
+        listed = {key_of(q.question_id) for q in questions}
+        rows = [{"question_id": q.question_id, "answer": by_id.get(key_of(q.question_id), "")} for q in questions]
+        empty = sum(key_of(q.question_id) not in by_id for q in questions)
+        left_out = sum(k not in listed for k in by_id)
+        note = (f"{name} lists all {len(rows)} questions of the questions file, {len(rows) - empty} answered "
+                f"and {empty} with an empty answer, as the VQA server takes them.")
+        if left_out:
+            note += f" {left_out} answers to questions not in that file are left out."
+        facts = {"questions": len(rows), "answered": len(rows) - empty, "empty": empty,
+                 "answers_not_listed": left_out, "note": note}
+    return {"submission": _write_json(out_dir / name, rows)}, facts
 
 
 # ---- GQA -----------------------------------------------------------------------------------
@@ -197,10 +250,11 @@ def gqa_tables(m: dict) -> list[Table]:
     return tables
 
 
-def write_gqa_predictions(answers: list[Answer], out_dir: Path) -> dict[str, Path]:
+def write_gqa_predictions(answers: list[Answer], out_dir: Path,
+                          questions: list[Question] | None) -> tuple[dict[str, Path], dict]:
     # convert_gqa_for_eval.py: what GQA's eval.py reads as {tier}_predictions.json
     rows = [{"questionId": a.question_id, "prediction": gqa_prediction(a.text)} for a in answers]
-    return {"predictions": _write_json(out_dir / "testdev_balanced_predictions.json", rows)}
+    return {"predictions": _write_json(out_dir / "testdev_balanced_predictions.json", rows)}, {}
 
 
 # ---- TextVQA -------------------------------------------------------------------------------
@@ -268,8 +322,10 @@ def load_textvqa_truth(src: Sources, bad: BadData) -> Truth | None:
 
 BENCHMARKS.add("vqav2", Benchmark(
     name="vqav2", title="VQAv2", max_new_tokens=16,
-    read_questions=read_vqav2_questions, load_truth=load_vqav2_truth, score=score_vqa, tables=vqa_tables,
+    read_questions=read_vqav2_questions, load_truth=load_vqav2_truth, score=score_vqav2, tables=vqa_tables,
     headline=("accuracy",), write_extras=write_vqav2_submission,
+    scorer="the official VQA evaluator (GT-Vision-Lab/VQA vqaEval.py) on the answers as submitted "
+           "(EvalAI processing, LLaVA's convert_vqav2_for_submission.py)",
     files_help="--questions llava_vqav2_*.jsonl or v2_OpenEnded_mscoco_*_questions.json, --image-folder "
                "(COCO images), --annotations v2_mscoco_*_annotations.json (omit for test-dev: submit "
                "vqav2_submission.json to EvalAI)",
@@ -279,13 +335,15 @@ BENCHMARKS.add("gqa", Benchmark(
     name="gqa", title="GQA", max_new_tokens=16,
     read_questions=read_gqa_questions, load_truth=load_gqa_truth, score=score_gqa, tables=gqa_tables,
     headline=("accuracy", "binary", "open"), write_extras=write_gqa_predictions,
+    scorer="GQA's eval.py on LLaVA's convert_gqa_for_eval.py predictions",
     files_help="--questions llava_gqa_testdev_balanced.jsonl or testdev_balanced_questions.json, "
                "--image-folder (GQA images), --annotations testdev_balanced_questions.json",
 ))
 BENCHMARKS.add("textvqa", Benchmark(
     name="textvqa", title="TextVQA", max_new_tokens=16,
-    read_questions=read_textvqa_questions, load_truth=load_textvqa_truth, score=score_vqa, tables=vqa_tables,
+    read_questions=read_textvqa_questions, load_truth=load_textvqa_truth, score=score_textvqa, tables=vqa_tables,
     headline=("accuracy",),
+    scorer="m4c TextVQAAccuracyEvaluator (EvalAI processing), as LLaVA's eval_textvqa.py",
     files_help="--questions llava_textvqa_val_v051_ocr.jsonl or TextVQA_0.5.1_val.json, --image-folder "
                "(train_images), --annotations TextVQA_0.5.1_val.json",
 ))

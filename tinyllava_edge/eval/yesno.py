@@ -15,8 +15,9 @@ are read from that directory (or from LLaVA's ``llava_mme.jsonl``, ``question_id
 ``"<subtask>/<image file>"``); as in LLaVA's file, "Please answer yes or no." becomes
 ``"\\nAnswer the question using a single word or phrase."``. Answers are matched to the ground
 truth by subtask, image stem and question text (``convert_answer_to_mme.py``) and scored as
-MME's ``eval_tool/calculation.py`` does: acc, acc+ (both questions of an image right) and
-score = acc + acc+ per subtask, summed over the perception and the cognition subtasks.
+MME's ``eval_tool/calculation.py`` does: each answer read from its first four characters, not
+stripped (:func:`metrics.mme_parse`); acc, acc+ (both questions of an image right) and score =
+acc + acc+ per subtask, summed over the perception and the cognition subtasks.
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ BENCHMARKS.add("pope", Benchmark(
     name="pope", title="POPE", max_new_tokens=16,
     read_questions=read_pope_questions, load_truth=load_pope_truth, score=score_pope, tables=pope_tables,
     headline=("accuracy", "f1", "yes_ratio"),
+    scorer="LLaVA's eval_pope.py",
     files_help="--questions coco_pope_<category>.json (with labels) or llava_pope_test.jsonl, --image-folder "
                "(COCO val2014), --annotations DIR of coco_pope_<category>.json when the questions have no labels",
 ))
@@ -226,6 +228,7 @@ BENCHMARKS.add("mme", Benchmark(
     name="mme", title="MME", max_new_tokens=16,
     read_questions=read_mme_questions, load_truth=load_mme_truth, score=score_mme, tables=mme_tables,
     headline=("perception", "cognition"),
+    scorer="MME's eval_tool/calculation.py on LLaVA's convert_answer_to_mme.py files (answers not stripped)",
     files_help="--image-folder MME_Benchmark_release_version (questions and answers are read from it); "
                "optionally --questions llava_mme.jsonl",
 ))

@@ -64,8 +64,8 @@ def discover(model: str | Path | None, default_bundle: Path = DEFAULT_BUNDLE) ->
         found = _children(path)
         if found:
             return found
-        raise TinyLlavaError(f"{path} is neither a bundle (no {MANIFEST_NAME}) nor a checkpoint (no {CONFIG}), and none of "
-                             "its subdirectories is one")
+        raise TinyLlavaError(f"{path} is neither a bundle (no {MANIFEST_NAME}) nor a checkpoint (no {CONFIG}), and "
+                             "none of its subdirectories is one")
     backend_kind(path)  # raises the runtime's sentence: missing, or a file
     raise AssertionError("unreachable: backend_kind accepts only directories")
 
@@ -86,6 +86,25 @@ def _figure(value) -> str:
     return str(value)
 
 
+def _quantization_lines(quantization: dict, manifest: dict) -> list[str]:
+    """What the quant stage did to a bundle, and how close it stayed to its source (the manifest's record)."""
+    llm = quantization.get("llm", {})
+    lines = [f"**Quantized** from a bundle made {quantization.get('source_created', '?')}: LLM {llm.get('from', '?')} "
+             f"-> {llm.get('type', '?')}"
+             + (f", mmproj -> {quantization['mmproj'].get('type')}" if isinstance(quantization.get("mmproj"), dict)
+                else "")
+             + (f", vision graph by default: {manifest['vision_default']}" if manifest.get("vision_default") else "")]
+    fidelity = llm.get("fidelity")
+    if isinstance(fidelity, dict):
+        shown = ", ".join(f"{k} {_figure(v)}" for k, v in fidelity.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool))
+        lines.append(f"- LLM against its source: {shown}")
+    for scheme, figures in (quantization.get("vision") or {}).items():
+        if isinstance(figures, dict) and "mean_token_cosine" in figures:
+            lines.append(f"- vision {scheme} against fp32: mean token cosine {_figure(figures['mean_token_cosine'])}")
+    return lines
+
+
 def model_card(variant: Variant) -> str:
     """Markdown: what the variant is, its files, and the fidelity measured at export (or the config)."""
     lines = [f"### {variant.name}", f"`{variant.path}` · {human_size(disk_size(variant.path))} on disk"]
@@ -100,8 +119,12 @@ def model_card(variant: Variant) -> str:
                   "", "| file | role | quant | size |", "|---|---|---|---|"]
         lines += [f"| {f.get('name')} | {f.get('role', '')} | {f.get('quant', '')} | {human_size(f.get('size', 0))} |"
                   for f in manifest.get("files", [])]
+        quantization = manifest.get("quantization")
+        if isinstance(quantization, dict):
+            lines += ["", *_quantization_lines(quantization, manifest)]
         validation = manifest.get("validation", {})
-        lines += ["", "**Fidelity against PyTorch (measured at export)**"]
+        at_export = "measured at export, on the bundle it was quantized from" if quantization else "measured at export"
+        lines += ["", f"**Fidelity against PyTorch ({at_export})**"]
         if not validation.get("enabled", bool(validation)):
             lines.append("not measured (exported without verification)")
         for part, figures in validation.items():

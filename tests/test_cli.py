@@ -26,17 +26,29 @@ def test_help(name, capsys):
     assert out.startswith("usage:") and name in out
 
 
-def test_pipeline_runs_and_reuses_its_stages(tmp_path):
+def test_pipeline_runs_and_reuses_its_stages(tmp_path, capsys):
     from tinyllava_edge.cli.pipeline import main
 
     work = tmp_path / "work"
-    assert main(["--workdir", str(work), "--questions", "2", "--quick", "--no-demo"]) == 0
+    assert main(["--workdir", str(work), "--questions", "3", "--quick", "--no-demo"]) == 0
     for part in ("data/meta.json", "tokenizer/tokenizer.json", "model/config.json", "model/model.safetensors",
-                 "eval/results.json", "recipe_summary.json", "bundle/manifest.json", "bundle/llm-F16.gguf"):
+                 "eval/results.json", "recipe_summary.json", "bundle/manifest.json", "bundle/llm-F16.gguf",
+                 "bundle-4bit/manifest.json", "bundle-4bit/llm-Q4_K_M.gguf", "bundle-4bit/vision-int4.onnx"):
         assert (work / part).is_file(), part
+    out = capsys.readouterr().out
+    # the summary puts the two bundles side by side on the same questions
+    table = out[out.index("the bundles on the same 3 held-out test questions"):]
+    header = next(line for line in table.splitlines()[1:] if line.strip())
+    assert header.split() == ["16-bit", "4-bit"]
+    for row in ("llm-F16.gguf + vision.onnx", "llm-Q4_K_M.gguf + vision-", "size they take", "exact match",
+                "same answer as 16-bit", "3/3", "time to first token", "3 of the questions:"):
+        assert row in table, row
     stamp = (work / "model" / "model.safetensors").stat().st_mtime_ns
+    quantized = (work / "bundle-4bit" / "manifest.json").stat().st_mtime_ns
     assert main(["--workdir", str(work), "--questions", "1", "--quick", "--no-demo"]) == 0
     assert (work / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # kept, not rebuilt
+    assert (work / "bundle-4bit" / "manifest.json").stat().st_mtime_ns == quantized
+    assert "quantize         kept" in capsys.readouterr().out
 
 
 def test_pipeline_bad_workdir_is_one_line(tmp_path):

@@ -41,7 +41,7 @@ def test_pipeline_runs_and_reuses_its_stages(tmp_path, capsys):
     header = next(line for line in table.splitlines()[1:] if line.strip())
     assert header.split() == ["16-bit", "4-bit"]
     for row in ("llm-F16.gguf + vision.onnx", "llm-Q4_K_M.gguf + vision-", "size they take", "exact match",
-                "same answer as 16-bit", "3/3", "time to first token", "3 of the questions:"):
+                "same answer as 16-bit", "3/3", "first token, new image", "3 of the questions:"):
         assert row in table, row
     stamp = (work / "model" / "model.safetensors").stat().st_mtime_ns
     quantized = (work / "bundle-4bit" / "manifest.json").stat().st_mtime_ns

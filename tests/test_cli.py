@@ -1,5 +1,6 @@
 """Every console script answers --help; the main job runs end to end on the default."""
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -49,6 +50,11 @@ def test_pipeline_runs_and_reuses_its_stages(tmp_path, capsys):
     assert (work / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # kept, not rebuilt
     assert (work / "bundle-4bit" / "manifest.json").stat().st_mtime_ns == quantized
     assert "quantize         kept" in capsys.readouterr().out
+    # a stage that is redone makes every later one stale: the 4-bit bundle follows a new 16-bit one
+    shutil.rmtree(work / "bundle")
+    assert main(["--workdir", str(work), "--questions", "1", "--quick", "--no-demo"]) == 0
+    out = capsys.readouterr().out
+    assert "train            kept" in out and "export           exported" in out and "quantize         quantized" in out
 
 
 def test_pipeline_bad_workdir_is_one_line(tmp_path):

@@ -316,7 +316,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     from tinyllava_edge.data.preprocess import PreprocessConfig
     from tinyllava_edge.data.template import default_template_for_family, get_template
-    from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer, save_checkpoint
+    from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer, save_checkpoint, save_tokenizer
 
     steps = Steps(4 + verify, progress)
     started = time.perf_counter()
@@ -374,7 +374,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         llm.generation_config.save_pretrained(staging / GPTQ_LLM_DIR)  # GPTQModel wrote do_sample=True there
         parts = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
         save_checkpoint(model, staging, state_dict=parts)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
         record = {
             "method": "gptq", "bits": bits, "group_size": group, "sym": True, "desc_act": False,
             "quantized_linears": len(linears), "kept": list(SKIPPED) + ["vision_tower", "connector", "embeddings"],

@@ -20,11 +20,25 @@ def pytest_collection_modifyitems(config, items):
     # GPTQModel lives in .venv-gptq only (scripts/setup-gptq.sh); find_spec does not import it (6 s)
     has_gptqmodel = importlib.util.find_spec("gptqmodel") is not None
     skip_gptq = pytest.mark.skip(reason="needs GPTQModel: bash scripts/test-gptq.sh runs these in .venv-gptq")
+    # transformers 4.40 (TinyLLaVA_Factory's pin) lives in .venv-tf440 only (scripts/setup-tf440.sh)
+    has_tf440 = _transformers_version().startswith("4.40.")
+    skip_tf440 = pytest.mark.skip(reason="needs transformers 4.40: bash scripts/test-tf440.sh runs these in .venv-tf440")
     for item in items:
         if "cuda" in item.keywords and not has_cuda:
             item.add_marker(skip)
         if item.get_closest_marker("gptq") is not None and not has_gptqmodel:  # not keywords: "[gptq]" ids
             item.add_marker(skip_gptq)
+        if item.get_closest_marker("tf440") is not None and not has_tf440:
+            item.add_marker(skip_tf440)
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return ""
 
 
 @pytest.fixture

@@ -116,6 +116,26 @@ def test_resume_equals_an_uninterrupted_run(env, tmp_path, tune):
     assert whole.summary["final_loss"] == pytest.approx(resumed.summary["final_loss"], abs=1e-6)
 
 
+def test_resume_maps_the_files_weight_names(env, tmp_path):
+    # DINOv2 weights are written with their 4.x names (model/tf4_compat.py): resuming must map them
+    # back, or the tower's trained attention would silently keep its start values
+    import shutil
+
+    from tinyllava_edge.testing.checkpoints import miniature_config, random_model
+
+    base = tmp_path / "dinov2"
+    shutil.copytree(env / "mini", base)
+    raw = json.loads((base / "config.json").read_text())
+    config = miniature_config("llama", "dinov2", raw["text_config"]["vocab_size"], pad_token=raw["pad_token"],
+                              pad_token_id=raw["pad_token_id"])
+    random_model(config).save_pretrained(base)
+    train(_config(env, tmp_path / "whole", model=str(base), **FULL))
+    cut = _config(env, tmp_path / "cut", model=str(base), **FULL)
+    train(cut, callbacks=[StopAfter(2)])
+    train(TrainConfig(**{**cut.to_dict(), "resume": True}))
+    assert _max_diff(_weights(tmp_path / "whole"), _weights(tmp_path / "cut")) <= 1e-6
+
+
 def test_resume_needs_a_checkpoint(env, tmp_path):
     with pytest.raises(TinyLlavaError, match="holds no checkpoint-N folder"):
         train(_config(env, tmp_path / "none", resume=True))

@@ -123,13 +123,13 @@ def load_merged(path: str | os.PathLike):
 
 def merge_lora_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge the adapter saved in `path` into its base and write a plain checkpoint to `out_dir`."""
-    from tinyllava_edge.model import load_tokenizer
+    from tinyllava_edge.model import load_tokenizer, save_tokenizer
 
     if not has_adapter(path):
         raise CheckpointError(f"{path} has no {ADAPTER_CONFIG}; nothing to merge")
     model = load_merged(path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    load_tokenizer(path).save_pretrained(out)
+    save_tokenizer(load_tokenizer(path), out)
     model.save_pretrained(out)
     return out

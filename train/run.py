@@ -25,8 +25,8 @@ import torch
 
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.train.config import TrainConfig
-from tinyllava_edge.train.data import (Collator, SampleChecker, SupervisedDataset, default_image_folder, image_token_count,
-                   load_samples)
+from tinyllava_edge.train.data import (Collator, SampleChecker, SupervisedDataset, default_image_folder,
+                                       image_token_count, load_samples)
 from tinyllava_edge.train.recipes import PARTS, STAGES, TuneSpec
 from tinyllava_edge.train.report import LOSS_PNG, SUMMARY_JSON, loss_history, plot_loss, write_summary
 
@@ -313,6 +313,7 @@ def _gathered(trainer, model):
 
 def _save_final(trainer, trained, tokenizer, out: Path, config: TrainConfig):
     """Write the Factory layout to `out`; returns the model as written."""
+    from tinyllava_edge.model import save_tokenizer
     from tinyllava_edge.train.lora import merge_lora, save_adapter, unload_lora
     from tinyllava_edge.train.trainer import _is_peft
 
@@ -324,7 +325,7 @@ def _save_final(trainer, trained, tokenizer, out: Path, config: TrainConfig):
             save_adapter(model, out)
             model = unload_lora(model)
     model.config.use_cache = True
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)  # in files the Factory's transformers 4.40 reads too
     model.save_pretrained(out)
     return model.eval()
 

@@ -93,8 +93,10 @@ class TinyLlavaTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = os.path.join(resume_from_checkpoint, TRAINABLE_NAME)
-        if not os.path.isfile(path) or self.is_fsdp_enabled:
+        if self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not os.path.isfile(path):
+            return self._load_whole_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
 
         model = model if model is not None else self.model
@@ -110,6 +112,21 @@ class TinyLlavaTrainer(Trainer):
         with torch.no_grad():
             for name, tensor in saved.items():
                 params[name].copy_(tensor.to(params[name].device))
+
+    def _load_whole_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """A checkpoint `save_pretrained` wrote, read back through our checkpoint reader.
+
+        The stock Trainer loads the file by the live parameter names; the file holds what
+        transformers 4.x readers need instead in places (DINOv2's 4.x weight names, a placeholder
+        SigLIP head: model/tf4_compat.py), which only the reader maps back.
+        """
+        model = model if model is not None else self.model
+        if _is_peft(model) or not os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from tinyllava_edge.model.checkpoint import load_state, read_checkpoint
+
+        checkpoint = read_checkpoint(resume_from_checkpoint)
+        load_state(model, checkpoint.state_dict, checkpoint.path)
 
 
 def part_of(name: str) -> str | None:

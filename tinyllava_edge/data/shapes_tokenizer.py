@@ -23,6 +23,7 @@ from pathlib import Path
 from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
 from tinyllava_edge.data.shapes import ANSWERS, all_questions, sample_captions
 from tinyllava_edge.errors import DataError
+from tinyllava_edge.tokenizer_json import write_legacy_merges
 
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, DEFAULT_IMAGE_TOKEN)  # ids 0..4
@@ -121,6 +122,7 @@ def train_shapes_tokenizer(
     try:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(out / "tokenizer.json"))
+        write_legacy_merges(out / "tokenizer.json")  # TinyLLaVA_Factory's tokenizers 0.19 reads it too
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     except OSError as err:
         reason = err.strerror or err

@@ -11,7 +11,7 @@ from tinyllava_edge.model.configuration import TinyLlavaConfig
 from tinyllava_edge.model.connector import CONNECTORS
 from tinyllava_edge.model.llm import LLM_FAMILIES, family_for
 from tinyllava_edge.model.modeling import TinyLlavaForConditionalGeneration, TinyLlavaPreTrainedModel
-from tinyllava_edge.model.tokenizer import load_tokenizer
+from tinyllava_edge.model.tokenizer import load_tokenizer, save_tokenizer
 from tinyllava_edge.model.vision import VISION_TOWERS
 
 AutoConfig.register(TinyLlavaConfig.model_type, TinyLlavaConfig, exist_ok=True)
@@ -30,4 +30,5 @@ __all__ = [
     "load_tokenizer",
     "read_checkpoint",
     "save_checkpoint",
+    "save_tokenizer",
 ]

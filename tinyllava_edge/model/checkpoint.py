@@ -14,11 +14,13 @@ Three layouts are read (safetensors only):
   `multi_modal_projector.linear_{1,2}.*`) or the 5.x ones (`model.language_model.*`, `lm_head.*`).
 
 Each layout becomes a `TinyLlavaConfig` whose feature selection reproduces what that layout's
-own code computed, and a state dict in our (= Factory) names.
+own code computed, and a state dict in our (= Factory) names. What we write also carries what
+transformers 4.x readers (the Factory's 4.40) need, and reading drops it again: tf4_compat.py.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -32,6 +34,8 @@ import torch
 from tinyllava_edge.errors import CheckpointError
 from tinyllava_edge.model.configuration import TinyLlavaConfig
 from tinyllava_edge.model.gptq import attach_gptq_llm, gptq_llm_dir
+from tinyllava_edge.model.tf4_compat import (HEAD_PREFIX, add_4x_keys, dinov2_from_4x, dinov2_to_4x, drop_4x_keys,
+                                             siglip_head_placeholder)
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -336,12 +340,12 @@ def _factory_config(raw: Mapping[str, Any], path: Path, state: Mapping[str, torc
     for key in ("text_config", "vision_config"):
         if not isinstance(raw.get(key), dict):
             raise CheckpointError(f"{path / CONFIG_NAME} lacks a {key} object")
-    raw = dict(raw)
-    vision = dict(raw["vision_config"])
-    if vision.get("model_type") == "siglip_vision_model":
-        # The Factory's towers keep SigLIP's pooling head; respect a file saved without it.
-        vision["vision_use_head"] = any(".head." in k for k in state if k.startswith(_TOWER))
-    raw["vision_config"] = vision
+    raw = drop_4x_keys(copy.deepcopy(dict(raw)))  # the 4.x spellings we write beside 5.x's
+    vision = raw["vision_config"]
+    if vision.get("model_type") == "siglip_vision_model" and "vision_use_head" not in vision:
+        # Files written by 4.x: the Factory's towers keep SigLIP's pooling head; respect a file
+        # saved without it. 5.x files say it (a zero placeholder stands in when false: tf4_compat).
+        vision["vision_use_head"] = any(k.startswith(_TOWER + HEAD_PREFIX) for k in state)
     raw.pop("auto_map", None)  # released configs point at remote code; we never run it
     try:
         return TinyLlavaConfig.from_dict(raw)
@@ -373,7 +377,20 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path}: {len(unmapped)} weights have names the {layout} layout does not know: "
             + _preview(unmapped)
         )
-    return Checkpoint(path, layout, config, {mapping[k]: source[k] for k in mapping})
+    state = {mapping[k]: source[k] for k in mapping}
+    if layout == "factory" and getattr(config.vision_config, "vision_use_head", True) is False:
+        # the placeholder head written for 4.x readers (tf4_compat); our tower has none
+        state = {k: v for k, v in state.items() if not k.startswith(_TOWER + HEAD_PREFIX)}
+    if config.vision_config.model_type == "dinov2":
+        state = _map_tower(state, dinov2_from_4x)
+    return Checkpoint(path, layout, config, state)
+
+
+def _map_tower(state: Mapping[str, torch.Tensor], convert) -> dict[str, torch.Tensor]:
+    """`convert` applied to the tower's weights (names relative to the tower); the rest unchanged."""
+    tower = convert({k[len(_TOWER):]: v for k, v in state.items() if k.startswith(_TOWER)})
+    rest = {k: v for k, v in state.items() if not k.startswith(_TOWER)}
+    return {**rest, **{_TOWER + k: v for k, v in tower.items()}}
 
 
 def _preview(names: list[str], limit: int = 8) -> str:
@@ -457,9 +474,22 @@ def save_checkpoint(model, save_directory: str | os.PathLike, state_dict: Mappin
     first = next(iter(tensors.values()), None)
     if first is not None and first.is_floating_point():
         config.dtype = first.dtype
+    tensors.update(_head_for_4x_readers(config.vision_config, tensors))
+    if config.vision_config.model_type == "dinov2":
+        tensors = _map_tower(tensors, dinov2_to_4x)
+    # transformers 4.x readers (the Factory) find their own spellings too: tf4_compat
+    text = json.dumps(add_4x_keys(json.loads(config.to_json_string())), indent=2, sort_keys=True) + "\n"
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(config.to_json_string(), encoding="utf-8"))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out
+
+
+def _head_for_4x_readers(vision_config, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SigLIP without a pooling head: zeros where 4.x expects its weights (none if no tower is saved)."""
+    tower = [v for k, v in tensors.items() if k.startswith(_TOWER)]
+    if vision_config.model_type != "siglip_vision_model" or vision_config.vision_use_head or not tower:
+        return {}
+    return {_TOWER + k: v for k, v in siglip_head_placeholder(vision_config, tower[0].dtype).items()}
 
 
 def _atomic_write(final: Path, write) -> None:

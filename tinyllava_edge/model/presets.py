@@ -44,13 +44,23 @@ class Preset:
         with torch.no_grad():
             tables[0].weight.mul_(self.vision_position_scale)
 
+    def part_names(self) -> tuple[str, str]:
+        """The LLM's and the tower's names: TinyLLaVA_Factory picks its classes by a substring of each."""
+        from tinyllava_edge.model.llm import family_for
+        from tinyllava_edge.model.vision import tower_for_model_type
+
+        llm_key = family_for(self.text["model_type"]).factory_key
+        tower_key = tower_for_model_type(self.vision["model_type"]).factory_key
+        return f"tinyllava-edge/{self.name}-{llm_key}", f"tinyllava-edge/{self.name}-{tower_key}"
+
     def config(self, vocab_size: int, **overrides: Any) -> TinyLlavaConfig:
+        llm_name, vision_name = self.part_names()
         fields = dict(
             text_config={**self.text, "vocab_size": vocab_size},
             vision_config=dict(self.vision),
             connector_type=self.connector_type,
-            llm_model_name_or_path=f"tinyllava-edge/{self.name}",
-            vision_model_name_or_path=f"tinyllava-edge/{self.name}-vision",
+            llm_model_name_or_path=llm_name,
+            vision_model_name_or_path=vision_name,
             vision_feature_layer=self.vision_feature_layer,
             vision_feature_select_strategy=self.vision_feature_select_strategy,
             image_aspect_ratio="square",

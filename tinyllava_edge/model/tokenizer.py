@@ -8,6 +8,8 @@ Two things differ from a plain `AutoTokenizer.from_pretrained(dir)`:
   splits digits one by one), so we pass the LLM's own config.
 * TinyLLaVA_Factory's post-load (tinyllava/model/llm/*.py): pad := unk for phi, llama and gemma;
   unk := pad for qwen2. A pad token recorded in the checkpoint's config wins.
+
+`save_tokenizer` writes one so that the Factory's pinned transformers 4.40 reads it too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from tinyllava_edge.errors import CheckpointError
 from tinyllava_edge.model.checkpoint import LEGACY_FAMILIES, read_config_json
 from tinyllava_edge.model.llm import family_for
+from tinyllava_edge.tokenizer_json import write_for_4x_readers
 
 
 def text_model_type(raw: dict[str, Any]) -> str | None:
@@ -57,3 +60,9 @@ def load_tokenizer(path: str | os.PathLike, model_type: str | None = None, pad_t
         elif family.unk_from_pad and tokenizer.pad_token is not None:
             tokenizer.unk_token = tokenizer.pad_token
     return tokenizer
+
+
+def save_tokenizer(tokenizer, out: str | os.PathLike) -> None:
+    """`save_pretrained`, in files that transformers 4.40 and its tokenizers 0.19 read too (tokenizer_json.py)."""
+    tokenizer.save_pretrained(out)
+    write_for_4x_readers(out)

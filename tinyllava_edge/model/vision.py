@@ -25,6 +25,8 @@ class TowerSpec:
     config_model_type: str  # exact `vision_config.model_type`
     build: Callable[[PreTrainedConfig], nn.Module]
     has_cls_token: bool
+    # The substring TinyLLaVA_Factory's VisionTowerFactory looks for in `vision_model_name_or_path`
+    factory_key: str
 
 
 VISION_TOWERS: Registry[TowerSpec] = Registry("vision tower")
@@ -59,14 +61,17 @@ def _dinov2(config: PreTrainedConfig) -> nn.Module:
     return Dinov2Model(config)
 
 
-VISION_TOWERS.add("siglip", TowerSpec("siglip", "siglip_vision_model", _siglip, has_cls_token=False))
-VISION_TOWERS.add("clip", TowerSpec("clip", "clip_vision_model", _clip, has_cls_token=True))
-VISION_TOWERS.add("dinov2", TowerSpec("dinov2", "dinov2", _dinov2, has_cls_token=True))
+VISION_TOWERS.add("siglip", TowerSpec("siglip", "siglip_vision_model", _siglip, has_cls_token=False, factory_key="siglip"))
+VISION_TOWERS.add("clip", TowerSpec("clip", "clip_vision_model", _clip, has_cls_token=True, factory_key="clip"))
+VISION_TOWERS.add("dinov2", TowerSpec("dinov2", "dinov2", _dinov2, has_cls_token=True, factory_key="dinov2"))
 
 
 def tower_for_config(vision_config: PreTrainedConfig) -> TowerSpec:
     """The registered tower whose config model_type is exactly `vision_config.model_type`."""
-    model_type = getattr(vision_config, "model_type", None)
+    return tower_for_model_type(getattr(vision_config, "model_type", None))
+
+
+def tower_for_model_type(model_type: str | None) -> TowerSpec:
     for key in VISION_TOWERS:
         spec = VISION_TOWERS.get(key)
         if spec.config_model_type == model_type:

@@ -66,12 +66,19 @@ _VISION: Mapping[str, Mapping[str, Any]] = {
         "model_type": "clip_vision_model", "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
         "projection_dim": 16, "_name_or_path": "openai/clip-vit-large-patch14-336",
     },
+    "dinov2": {  # facebook/dinov2-large (a TinyLLaVA_Factory tower; no released TinyLLaVA uses it)
+        "model_type": "dinov2", "hidden_act": "gelu", "layer_norm_eps": 1e-6, "layerscale_value": 1.0,
+        "mlp_ratio": 2, "use_swiglu_ffn": False, "_name_or_path": "facebook/dinov2-large",
+    },
 }
 _VISION_DIMS = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
                 "patch_size": 7}
 # 4x4 patches of 7 px. SigLIP gets 30 px: like SigLIP-384/14 its size is not a multiple of the
-# patch (the conv drops the rest); CLIP checks the input size, and 336/14 divides evenly.
-_IMAGE_SIZE = {"siglip": 30, "clip": 28}
+# patch (the conv drops the rest); CLIP checks the input size, and 336/14 divides evenly; DINOv2
+# at its own size, so its position table is used as stored, not interpolated.
+_IMAGE_SIZE = {"siglip": 30, "clip": 28, "dinov2": 28}
+# DINOv2 sizes its MLP by mlp_ratio, not intermediate_size
+_NOT_IN_CONFIG = {"dinov2": ("intermediate_size",)}
 
 TOKENIZER_OF_FAMILY = {"phi": "phi2", "qwen2": "qwen2", "llama": "tinyllama", "stablelm": "stablelm2", "gemma": "gemma"}
 LEGACY_MODEL_TYPE = {"phi": "tiny_llava_phi", "llama": "tiny_llava", "stablelm": "tiny_llava_stablelm", "qwen2": "tiny_llava_qwen"}
@@ -117,6 +124,8 @@ def miniature_config(family: str, tower: str, vocab_size: int, max_length: int =
     if family == "gemma":
         text["head_dim"] = _TEXT_DIMS["hidden_size"] // _TEXT_DIMS["num_attention_heads"]
     vision = {**_VISION[tower], **_VISION_DIMS, "image_size": _IMAGE_SIZE[tower]}
+    for key in _NOT_IN_CONFIG.get(tower, ()):
+        del vision[key]
     fields = dict(
         text_config=text,
         vision_config=vision,

@@ -1,5 +1,7 @@
 """Checking an uploaded image before it reaches the model: one sentence for anything unusable.
 
+The demo's uploads and the server's images (apps/serve/images.py) go through :func:`open_image`.
+
 The runtime's preprocessing loads truncated files on purpose (TinyLLaVA_Factory does), which is
 right for a training set but not for a user's upload: here a truncated file is refused, so the
 user learns the upload broke instead of getting an answer about a half-grey picture.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -32,20 +35,31 @@ def upload_path(payload) -> Path | None:
     raise TinyLlavaError(f"the image came as a {type(payload).__name__}; expected an uploaded file")
 
 
+class ImageTooLarge(TinyLlavaError):
+    """An image over the pixel caps (the server answers it with 413, other problems with 400)."""
+
+
 def open_upload(path: Path, name: str | None = None) -> Image.Image:
     """The RGB image in `path`, fully decoded; TinyLlavaError naming the file and the problem otherwise."""
-    name = name or path.name
+    return open_image(path, name or path.name)
+
+
+def open_image(source: Path | BinaryIO, name: str, *, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
+               taker: str = "the demo") -> Image.Image:
+    """The RGB image in `source` (a path or a binary file), fully decoded, if it keeps within
+    `max_side` and `max_pixels` (ImageTooLarge otherwise, before any pixel is decoded); `taker`
+    names who refuses it ("the demo", "the server")."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
-            if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
-                raise TinyLlavaError(f"image {name} is {width}x{height} pixels; the demo takes images up to "
-                                     f"{MAX_SIDE} px a side and {MAX_PIXELS // 1_000_000} megapixels")
+            if max(width, height) > max_side or width * height > max_pixels:
+                raise ImageTooLarge(f"image {name} is {width}x{height} pixels; {taker} takes images up to {max_side} "
+                                    f"px a side and {max_pixels / 1e6:g} megapixels")
             image.load()  # decodes every byte: a truncated file raises here
             return load_image(image)  # RGB the runtime's way: EXIF rotation, 16-bit grey scaled
     except Image.DecompressionBombError:
-        raise TinyLlavaError(f"image {name} declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; the demo "
-                             f"takes images up to {MAX_SIDE} px a side") from None
+        raise ImageTooLarge(f"image {name} declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; {taker} "
+                            f"takes images up to {max_side} px a side") from None
     except UnidentifiedImageError:
         raise TinyLlavaError(f"{name} is not an image PIL can read (PNG, JPEG, WebP, GIF, BMP...)") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's words for a damaged file

@@ -36,7 +36,8 @@ def test_pipeline_runs_and_reuses_its_stages(tmp_path, capsys):
                  "eval/results.json", "recipe_summary.json", "bundle/manifest.json", "bundle/llm-F16.gguf",
                  "bundle-4bit/manifest.json", "bundle-4bit/llm-Q4_K_M.gguf", "bundle-4bit/vision-int4.onnx"):
         assert (work / part).is_file(), part
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out  # it ends with how to start the demo and the API server
+    assert f"tinyllava-demo --model {work} " in out and f"tinyllava-serve --model {work / 'bundle'}" in out
     # the summary puts the two bundles side by side on the same questions
     table = out[out.index("the bundles on the same 3 held-out test questions"):]
     header = next(line for line in table.splitlines()[1:] if line.strip())

@@ -180,6 +180,7 @@ def test_sampling_is_seeded_and_checked(edge, images):
     ({"max_new_tokens": 0}, "max_new_tokens must be an integer of at least 1"),
     ({"seed": -1}, "seed must be a non-negative integer"),
     ({"stop": ["ok", ""]}, "stop must be a non-empty string"),
+    ({"stop": 5}, "stop must be a non-empty string or a list of them, got 5"),
 ])
 def test_bad_generation_settings(edge, settings, message):
     with pytest.raises(TinyLlavaError, match=message) as excinfo:

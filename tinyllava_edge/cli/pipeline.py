@@ -241,8 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         return fail(err)
     print_summary(summary)
     if args.no_demo:
+        print(f"\n  next: tinyllava-demo --model {summary['workdir']}  (the demo page, every bundle and checkpoint "
+              "in it as a variant)")
+        print(server_hint(Path(summary["workdir"])))
         return 0
     return _serve_demo(Path(summary["workdir"]), args.port)
+
+
+def server_hint(work: Path) -> str:
+    """How to serve the bundle to OpenAI clients: printed next to the demo's URL."""
+    from tinyllava_edge.apps.serve.settings import DEFAULT_HOST, DEFAULT_PORT
+
+    return (f"  next: tinyllava-serve --model {work / BUNDLE}  (OpenAI's Chat Completions API on "
+            f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/v1 for any OpenAI client; docs/serve.md)")
 
 
 def _serve_demo(work: Path, port: int) -> int:
@@ -257,6 +268,7 @@ def _serve_demo(work: Path, port: int) -> int:
         return fail(err)
     print(f"\n[demo] serving the demo page; the 16-bit bundle, the {QUANT_BITS}-bit bundle and the torch checkpoint "
           "are its variants", flush=True)
+    print(server_hint(work), flush=True)
     return serve(variants, demo_parser().parse_args(["--port", str(port)]))
 
 

@@ -53,8 +53,10 @@ def sampling_params(max_new_tokens: int = 256, temperature: float = 0.0, top_p: 
         stops: tuple[str, ...] = ()
     elif isinstance(stop, str):
         stops = (stop,)
-    else:
+    elif isinstance(stop, (list, tuple)):
         stops = tuple(stop)
+    else:
+        raise TinyLlavaError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     if any(not isinstance(s, str) or not s for s in stops):
         raise TinyLlavaError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     return SamplingParams(int(max_new_tokens), float(temperature), float(top_p),

@@ -131,8 +131,9 @@ def stats_markdown(stats, variant: Variant, device: str, load_ms: float | None =
 class DemoHandlers:
     """What the page's events call; separate from the layout so tests can call it directly."""
 
-    def __init__(self, pool: ModelPool):
+    def __init__(self, pool: ModelPool, allow_truncated_images: bool = False):
         self.pool = pool
+        self.allow_truncated_images = allow_truncated_images  # the policy of data/images.py
 
     def ask(self, image, question, variant, device, max_new_tokens, temperature, top_p, seed, state):
         """Stream one answer: yields (chat messages, question box, status line, figures, state)."""
@@ -156,7 +157,7 @@ class DemoHandlers:
             if path is not None:
                 digest = file_digest(path)
                 if digest != state.image_digest or state.key != key:  # else it is in the conversation already
-                    picture = open_upload(path, image.get("orig_name") if isinstance(image, dict) else None)
+                    picture = self._open(path, image)
         except (TinyLlavaError, OSError) as err:
             yield warn(" ".join(str(err).split()))
             return
@@ -192,12 +193,17 @@ class DemoHandlers:
         try:
             path = upload_path(image)
             if path is not None:
-                open_upload(path, image.get("orig_name") if isinstance(image, dict) else None)
+                self._open(path, image)
         except TinyLlavaError as err:
             message = " ".join(str(err).split())
             gr.Warning(message)
             return f"{PROBLEM} {message}"
         return "image ready: it goes with your next question"
+
+    def _open(self, path: Path, image):
+        """The uploaded file decoded, under the demo's policy for truncated images."""
+        return open_upload(path, image.get("orig_name") if isinstance(image, dict) else None,
+                           allow_truncated=self.allow_truncated_images)
 
     def switch(self, variant, device, state):
         """A new variant or device: a new conversation, and that variant's card."""
@@ -209,12 +215,15 @@ class DemoHandlers:
 
 
 def build_app(variants: list[Variant], device: str = "auto", *, concurrency: int = DEFAULT_CONCURRENCY,
-              load_options: dict | None = None, examples_dir: Path | None = None, preload: bool = False):
+              load_options: dict | None = None, examples_dir: Path | None = None, preload: bool = False,
+              allow_truncated_images: bool = False):
     """The page (a gr.Blocks with its queue set up) for `variants`, the first selected.
 
     `load_options` go to `tinyllava_edge.load` (n_threads, n_ctx...). `preload` loads the first
-    variant now, so a wrong bundle fails here rather than at the first question. The pool is
-    `app.model_pool` (close it when done) and the example images lie in `app.examples_dir`.
+    variant now, so a wrong bundle fails here rather than at the first question. A truncated
+    upload is refused unless `allow_truncated_images` (tinyllava_edge/data/images.py). The pool
+    is `app.model_pool` (close it when done) and the example images lie in `app.examples_dir`.
+    The page sends Gradio no analytics and asks for no version check (see tinyllava_edge/offline.py).
     """
     import gradio as gr
 
@@ -225,12 +234,12 @@ def build_app(variants: list[Variant], device: str = "auto", *, concurrency: int
     pool = ModelPool(variants, load_options)
     if preload:
         pool.get(variants[0].name, device)
-    handlers = DemoHandlers(pool)
+    handlers = DemoHandlers(pool, allow_truncated_images)
     examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="tinyllava-demo-"))
     examples = example_images(examples_dir)
     first = variants[0]
 
-    with gr.Blocks(title="tinyllava-edge demo") as app:
+    with gr.Blocks(title="tinyllava-edge demo", analytics_enabled=False) as app:
         gr.Markdown("## tinyllava-edge: chat with a small vision-language model\nUpload an image (or pick an example), "
                     "ask about it, follow up. Figures below each answer come from the runtime.")
         state = gr.State(None)

@@ -4,9 +4,9 @@ manifest.json).
     export_bundle("runs/model", "bundles/model")             # gguf, 16-bit, checked against torch
 
 The bundle is written into a temporary directory beside `out_dir` and renamed into place only
-when every file is written and every check passed (`tinyllava_edge.bundle`: staging, manifest,
-rename), so an interrupted or failed export leaves nothing at `out_dir` (and no temporary
-directory either, unless the process is killed).
+when every file is written and every check passed (`tinyllava_edge.bundle`: the format and the
+manifest; `tinyllava_edge.atomic`: staging and the rename), so an interrupted or failed export
+leaves nothing at `out_dir` (and no temporary directory either, unless the process is killed).
 
 Bit widths are a registry (`PRECISIONS`, exact keys): 16 and 32, what the GGUF writers produce.
 Quantized bundles (8, 4 bits) are the quantization stage's: it turns a 16-bit bundle into one
@@ -31,14 +31,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tinyllava_edge.atomic import replace_folder, staged_folder
 from tinyllava_edge.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     check_destination,
     file_record,
-    move_into_place,
     source_record,
-    staged,
     write_manifest,
 )
 from tinyllava_edge.errors import TinyLlavaError
@@ -119,7 +118,7 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
     steps.start(f"loading checkpoint {source}")
     model, tokenizer, layout = _load(source)
-    with staged(final) as staging:
+    with staged_folder(final) as staging:
         manifest = _write_parts(model, tokenizer, staging, steps, precision, gguf=gguf, with_fp16=with_fp16,
                                 mmproj=mmproj, verify=verify, progress=progress, check_images=check_images,
                                 check_tokens=check_tokens)
@@ -134,7 +133,7 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
             "tools": _tool_versions(),
         }
         write_manifest(staging, manifest)
-        move_into_place(staging, final)
+        replace_folder(staging, final)
         steps.done()
     return {"path": str(final), "manifest": manifest, "seconds": time.perf_counter() - started}
 

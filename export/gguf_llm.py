@@ -12,7 +12,6 @@ ids through transformers and through llama.cpp, max |logit difference|.
 from __future__ import annotations
 
 import os
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,10 +22,12 @@ from typing import Any
 import gguf
 import numpy as np
 
+from tinyllava_edge.atomic import atomic_file
 from tinyllava_edge.data.template import default_template_for_family, get_template
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.export.chat_template import jinja_chat_template
-from tinyllava_edge.export.gguf_arch import ArchSpec, Hyper, arch_for, hyperparameters, map_tensor_names, transform, write_hyperparameters
+from tinyllava_edge.export.gguf_arch import (ArchSpec, Hyper, arch_for, hyperparameters, map_tensor_names, transform,
+                                             write_hyperparameters)
 from tinyllava_edge.export.gguf_tokenizer import read_vocab
 
 # ftype name -> (general.file_type, dtype of matrices). Vectors (norm weights, biases) stay F32
@@ -78,29 +79,23 @@ def write_llm_gguf(model: Any, tokenizer: Any, out_path: str | os.PathLike, *, f
     out = Path(out_path)
     if out.is_dir():
         raise TinyLlavaError(f"GGUF output {out} is a directory; expected a file path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name beside the target (same filesystem, so os.replace is atomic), created by the
-    # writer itself so the file gets the usual umask permissions (mkstemp would make it 0600).
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    writer = gguf.GGUFWriter(tmp, spec.arch_name)
-    try:
-        writer.add_name(getattr(model.config, "llm_model_name_or_path", None) or family)
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_hyperparameters(writer, spec, hp)
-        vocab.write(writer)
-        writer.add_chat_template(chat_template)
-        for t in tensors:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), t.nbytes)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        _write_data(writer, tensors, progress)
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, spec.arch_name)
+        try:
+            writer.add_name(getattr(model.config, "llm_model_name_or_path", None) or family)
+            writer.add_file_type(file_type)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            write_hyperparameters(writer, spec, hp)
+            vocab.write(writer)
+            writer.add_chat_template(chat_template)
+            for t in tensors:
+                writer.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), t.nbytes)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            _write_data(writer, tensors, progress)
+        finally:
+            writer.close()  # flushes the file before atomic_file renames it; after an error, releases it
 
     types = Counter(gguf.GGMLQuantizationType.F16.name if t.dtype is np.float16 else
                     gguf.GGMLQuantizationType.F32.name for t in tensors)

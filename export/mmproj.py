@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -35,6 +34,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
+from tinyllava_edge.atomic import atomic_file
 from tinyllava_edge.data.preprocess import PreprocessConfig
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.model.connector import connector_key
@@ -225,39 +225,33 @@ def write_mmproj_gguf(model, out_path: str | os.PathLike, *, ftype: str = "f16",
     final = Path(out_path)
     if final.is_dir():
         raise TinyLlavaError(f"mmproj output path {final} is a directory; expected a file name such as mmproj-F16.gguf")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(final) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch="clip")
-        writer.add_name(str(getattr(model.config, "_name_or_path", "") or "tinyllava") + " vision")
-        writer.add_description("TinyLLaVA vision tower + connector for llama.cpp mtmd (tinyllava-edge)")
-        writer.add_file_type(FTYPES[ftype])
-        writer.add_string("clip.projector_type", "mlp")  # gguf has no constant for it
-        writer.add_bool("clip.has_vision_encoder", True)
-        writer.add_bool("clip.use_gelu", plan["use_gelu"])  # absent means quick GELU
-        writer.add_uint32("clip.vision.image_size", vision.image_size)
-        writer.add_uint32("clip.vision.patch_size", vision.patch_size)
-        writer.add_uint32("clip.vision.embedding_length", vision.hidden_size)
-        writer.add_uint32("clip.vision.feed_forward_length", vision.intermediate_size)
-        writer.add_uint32("clip.vision.block_count", plan["block_count"])
-        writer.add_uint32("clip.vision.projection_dim", plan["hidden"])
-        writer.add_uint32("clip.vision.attention.head_count", vision.num_attention_heads)
-        writer.add_float32("clip.vision.attention.layer_norm_epsilon", vision.layer_norm_eps)
-        writer.add_array("clip.vision.image_mean", list(plan["preprocess"].image_mean))
-        writer.add_array("clip.vision.image_std", list(plan["preprocess"].image_std))
-        writer.add_array("clip.vision.feature_layer", plan["feature_layer"])
-        for name, array in tensors.items():
-            writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
-        writer.close()
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            writer.add_name(str(getattr(model.config, "_name_or_path", "") or "tinyllava") + " vision")
+            writer.add_description("TinyLLaVA vision tower + connector for llama.cpp mtmd (tinyllava-edge)")
+            writer.add_file_type(FTYPES[ftype])
+            writer.add_string("clip.projector_type", "mlp")  # gguf has no constant for it
+            writer.add_bool("clip.has_vision_encoder", True)
+            writer.add_bool("clip.use_gelu", plan["use_gelu"])  # absent means quick GELU
+            writer.add_uint32("clip.vision.image_size", vision.image_size)
+            writer.add_uint32("clip.vision.patch_size", vision.patch_size)
+            writer.add_uint32("clip.vision.embedding_length", vision.hidden_size)
+            writer.add_uint32("clip.vision.feed_forward_length", vision.intermediate_size)
+            writer.add_uint32("clip.vision.block_count", plan["block_count"])
+            writer.add_uint32("clip.vision.projection_dim", plan["hidden"])
+            writer.add_uint32("clip.vision.attention.head_count", vision.num_attention_heads)
+            writer.add_float32("clip.vision.attention.layer_norm_epsilon", vision.layer_norm_eps)
+            writer.add_array("clip.vision.image_mean", list(plan["preprocess"].image_mean))
+            writer.add_array("clip.vision.image_std", list(plan["preprocess"].image_std))
+            writer.add_array("clip.vision.feature_layer", plan["feature_layer"])
+            for name, array in tensors.items():
+                writer.add_tensor(name, array)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=progress)
+        finally:
+            writer.close()  # flushes the file before atomic_file renames it; after an error, releases it
 
     return {
         "path": str(final),

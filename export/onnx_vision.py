@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tinyllava_edge.atomic import staged_folder
 from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
 from tinyllava_edge.errors import TinyLlavaError
 
@@ -148,24 +147,23 @@ def export_vision_onnx(
 
     weight_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
     external = weight_bytes > _EXTERNAL_DATA_ABOVE
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        staged = tmp_dir / final.name
-        program.save(staged, external_data=external)
-        steps.update()
-        # A path (not a proto) lets the checker follow external data past 2 GiB.
-        onnx.checker.check_model(str(staged), full_check=True)
-        steps.update()
-        validation = _validate(model, staged, dtype) if validate else None
-        if validate:
+        with staged_folder(final) as tmp_dir:
+            staged = tmp_dir / final.name
+            program.save(staged, external_data=external)
             steps.update()
-        # Weights first, the graph last: the graph never points at missing data.
-        extra = sorted(p for p in tmp_dir.iterdir() if p != staged)
-        for path in extra:
-            os.replace(path, final.parent / path.name)
-        os.replace(staged, final)
+            # A path (not a proto) lets the checker follow external data past 2 GiB.
+            onnx.checker.check_model(str(staged), full_check=True)
+            steps.update()
+            validation = _validate(model, staged, dtype) if validate else None
+            if validate:
+                steps.update()
+            # Weights first, the graph last: the graph never points at missing data.
+            extra = sorted(p for p in tmp_dir.iterdir() if p != staged)
+            for path in extra:
+                os.replace(path, final.parent / path.name)
+            os.replace(staged, final)
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         steps.close()
 
     opset_used = next((o.version for o in onnx.load(str(final), load_external_data=False).opset_import

@@ -31,15 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllava_edge.atomic import replace_folder, staged_folder
 from tinyllava_edge.bundle import (
     MANIFEST_NAME,
     check_destination,
     file_record,
     files_by_role,
-    move_into_place,
     read_manifest,
-    staged,
-    staging_dir,
     write_manifest,
 )
 from tinyllava_edge.errors import TinyLlavaError
@@ -92,7 +90,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     redo_mmproj = mmproj is not None and bool(mm) and mm[0]["quant"] in ("F16", "F32")
     steps = Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
     started = time.perf_counter()
-    with staged(final) as staging:
+    with staged_folder(final) as staging:
         steps.start(f"copying {source.name}")
         replaced = {llm["name"]} | ({mm[0]["name"]} if redo_mmproj else set())
         files = []
@@ -159,7 +157,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         })
         write_manifest(staging, new_manifest)
         read_manifest(staging)  # the new bundle is whole and self-consistent
-        move_into_place(staging, final)
+        replace_folder(staging, final)
         steps.done()
     return {"path": str(final), "manifest": new_manifest, "seconds": time.perf_counter() - started}
 
@@ -200,16 +198,14 @@ def export_quantized(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
                              "export the ONNX bundle with --bits 32 or 16")
     final = Path(out_dir)
     check_destination(final, overwrite)  # before the long export
-    scratch = staging_dir(final)
-    try:
+    # a scratch folder beside the destination, never moved into place: removed when the block ends
+    with staged_folder(final) as scratch:
         exported = export_bundle(checkpoint_dir, scratch / "bundle", fmt=fmt, bits=16, verify=verify,
                                  progress=progress, **export_options)
         if progress:  # the export's steps came first; the quantization's are numbered anew
             print(f"the 16-bit bundle -> {bits} bits:", file=sys.stderr, flush=True)
         result = quantize_to_bits(exported["path"], final, bits, verify=verify, overwrite=overwrite,
                                   progress=progress, keep_source_path=False)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return {**result, "seconds": time.perf_counter() - started, "export": exported}
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyllava_edge.atomic import atomic_file
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.registry import Registry
 
@@ -104,22 +104,15 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *,
                              "from the F16 or F32 file")
     if final.is_dir():
         raise TinyLlavaError(f"GGUF output path {final} is a directory; expected a file name")
-    final.parent.mkdir(parents=True, exist_ok=True)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, kind.ftype_const)
     params.nthread = n_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1))
     _install_log()  # llama.cpp's chatter goes to the module's log buffer, not the terminal
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
     started = time.perf_counter()
-    try:
-        status = llama_cpp.llama_model_quantize(str(source).encode(), tmp.encode(), ctypes.byref(params))
+    with atomic_file(final) as tmp:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
             raise TinyLlavaError(f"llama.cpp could not quantize {source.name} to {quant} ({_log_reason()})")
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     written = tensor_types(final)
     return {"path": str(final), "quant": quant, "size": final.stat().st_size,
             "seconds": time.perf_counter() - started, "tensor_types": written,

@@ -15,11 +15,11 @@ Whether stock mtmd then computes the same features is measured, not assumed
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from tinyllava_edge.atomic import atomic_file
 from tinyllava_edge.errors import TinyLlavaError
 
 MMPROJ_TYPES = ("Q8_0",)
@@ -47,35 +47,30 @@ def quantize_mmproj(src: str | os.PathLike, dst: str | os.PathLike, quant: str =
         raise TinyLlavaError(f"{source.name} is not an mmproj (general.architecture is "
                              f"{arch.contents() if arch else None!r}; expected 'clip')")
     qtype = gguf.GGMLQuantizationType[quant]
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
     types: dict[str, str] = {}
-    try:
-        writer = gguf.GGUFWriter(tmp, arch="clip", endianess=reader.endianess)
-        for name, field in reader.fields.items():
-            if name.startswith("GGUF.") or name == "general.architecture":
-                continue  # written by the writer itself
-            value = _FILE_TYPE_Q8_0 if name == "general.file_type" else field.contents()
-            sub = field.types[1] if len(field.types) > 1 else None
-            writer.add_key_value(name, value, field.types[0], sub_type=sub)
-        for tensor in reader.tensors:
-            data = np.asarray(tensor.data)
-            shape = tuple(int(d) for d in reversed(tensor.shape))  # numpy order (rows, cols)
-            if tensor.tensor_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32) \
-                    and _quantizable(tensor.name, shape):
-                packed = gguf.quants.quantize(data.reshape(shape).astype(np.float32), qtype)
-                writer.add_tensor(tensor.name, packed, raw_shape=packed.shape, raw_dtype=qtype)
-                types[tensor.name] = quant
-            else:
-                writer.add_tensor(tensor.name, data.reshape(shape), raw_dtype=tensor.tensor_type)
-                types[tensor.name] = tensor.tensor_type.name
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(final) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch="clip", endianess=reader.endianess)
+        try:
+            for name, field in reader.fields.items():
+                if name.startswith("GGUF.") or name == "general.architecture":
+                    continue  # written by the writer itself
+                value = _FILE_TYPE_Q8_0 if name == "general.file_type" else field.contents()
+                sub = field.types[1] if len(field.types) > 1 else None
+                writer.add_key_value(name, value, field.types[0], sub_type=sub)
+            for tensor in reader.tensors:
+                data = np.asarray(tensor.data)
+                shape = tuple(int(d) for d in reversed(tensor.shape))  # numpy order (rows, cols)
+                if tensor.tensor_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32) \
+                        and _quantizable(tensor.name, shape):
+                    packed = gguf.quants.quantize(data.reshape(shape).astype(np.float32), qtype)
+                    writer.add_tensor(tensor.name, packed, raw_shape=packed.shape, raw_dtype=qtype)
+                    types[tensor.name] = quant
+                else:
+                    writer.add_tensor(tensor.name, data.reshape(shape), raw_dtype=tensor.tensor_type)
+                    types[tensor.name] = tensor.tensor_type.name
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()  # flushes the file before atomic_file renames it; after an error, releases it
     return {"path": str(final), "quant": quant, "size": final.stat().st_size, "tensor_types": types}

@@ -24,7 +24,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllava_edge.atomic import staged_folder
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.registry import Registry
 
@@ -126,10 +126,9 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *
     if spec.needs_calibration and (calibration is None or sum(len(b) for b in calibration) < GPTQ_MIN_CALIBRATION):
         raise TinyLlavaError(f"ONNX scheme {scheme!r} needs at least {GPTQ_MIN_CALIBRATION} calibration images "
                              "(pass calibration images, e.g. the shapes training split)")
-    final.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f".{final.name}.", dir=final.parent) as tmp:
-        staged = Path(tmp) / final.name
+    with staged_folder(final) as tmp:
+        staged = tmp / final.name
         with _quiet(), contextlib.redirect_stdout(io.StringIO()):  # GPTQ prints a progress bar
             spec.run(source, staged, calibration)
         # onnx.checker knows no com.microsoft ops (MatMulNBits); onnxruntime loading it is the check

@@ -158,7 +158,8 @@ def calibration_samples(records: list[dict], root: Path, tokenizer, template,
             if not image.is_file():
                 raise DataError(f"calibration image {record['image']!r} of record {record.get('id', '?')!r} is not "
                                 f"in {root}")
-            pixels = preprocess([str(image)], preprocess_config)[0]
+            # a training set, read as training reads it: truncated files decoded (data/images.py)
+            pixels = preprocess([str(image)], preprocess_config, allow_truncated=True)[0]
             if IMAGE_TOKEN_INDEX not in ids:
                 ids = [IMAGE_TOKEN_INDEX] + ids  # an image record whose text lacks <image>: image first
         elif IMAGE_TOKEN_INDEX in ids:
@@ -293,7 +294,8 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     the largest of 128/64/32/16 that divides every LLM input width. `seq_len`: tokens per sample,
     image rows included. Returns {path, record, seconds}; the record is also quantization.json.
     """
-    from tinyllava_edge.bundle import move_into_place, source_record, staged
+    from tinyllava_edge.atomic import replace_folder, staged_folder
+    from tinyllava_edge.bundle import source_record
     from tinyllava_edge.progress import Steps
 
     source, final = Path(checkpoint_dir), Path(out_dir)
@@ -341,7 +343,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     ids, n_virtual = _virtual_ids(calib, rows, vocab, seq_len)
     calibration = [{"input_ids": i, "attention_mask": [1] * len(i)} for i in ids]
 
-    with staged(final) as staging:
+    with staged_folder(final) as staging:
         steps.start(f"GPTQ {bits}-bit, group {group}: {len(linears)} linears (GPTQModel {gptqmodel.__version__}, CPU)")
         fp32_dir = staging / ".fp32-llm"
         with quiet():
@@ -391,7 +393,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
             record["fidelity"] = _fidelity(model, staging / GPTQ_LLM_DIR, check, seq_len, bits, group, len(linears))
         record["seconds"] = round(time.perf_counter() - started, 2)
         _write_record(staging, record)
-        move_into_place(staging, final)
+        replace_folder(staging, final)
         steps.done()
     return {"path": str(final), "record": record, "seconds": record["seconds"]}
 

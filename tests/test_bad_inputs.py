@@ -9,7 +9,11 @@ its F32 bundle, built once for the module). Three ways a user meets an error, th
 * the demo's upload check refuses the file with one sentence.
 
 Image modes the loader should accept (CMYK, LA, P, 16-bit grey, animated GIF, EXIF-rotated
-JPEG, 1x1) are in the corpus too, each checked on pixels.
+JPEG, 1x1) are in the corpus too, each checked on pixels. So is one behaviour for the same input
+everywhere: a bad option value, a truncated image (refused by the API, tinyllava-chat,
+tinyllava-eval, the demo and the server with the same sentence, accepted by each only when allowed; training
+reads it as TinyLLaVA_Factory does), no network lookup for a missing folder, and the modes of
+written files.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from tinyllava_edge.errors import TinyLlavaError  # noqa: E402
 from tinyllava_edge.bundle import read_manifest, sha256_file  # noqa: E402
 
 MINIATURE = "TinyLLaVA-Qwen2-0.5B-SigLIP"
+# The one refusal of a truncated image, at every entry point (tinyllava_edge/data/images.py).
+TRUNCATED = (r"image file '(.*/)?{}' is truncated \(.*\); pass allow_truncated_images=True "
+             r"\(--allow-truncated-images\) to decode what it holds, leaving the rest blank")
 EXACT = {"device": "cpu", "n_threads": 1, "kv_type": "f32", "flash_attn": "off"}
 
 
@@ -115,7 +122,10 @@ class Ctx:
 
     def cli(self, main, argv: list, pattern: str) -> str:
         self.capsys.readouterr()
-        code = main([str(a) for a in argv])
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as stop:  # argparse refusing an option
+            code = stop.code
         err = self.capsys.readouterr().err.strip()
         assert code not in (0, None), err
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -144,6 +154,16 @@ def _quantize(argv):
 
 def _train(argv):
     from tinyllava_edge.cli.train import main
+    return main(argv)
+
+
+def _eval(argv):
+    from tinyllava_edge.cli.eval import main
+    return main(argv)
+
+
+def _demo(argv):
+    from tinyllava_edge.cli.demo import main
     return main(argv)
 
 
@@ -391,12 +411,12 @@ def _(c):
 
 @case("image/upload-empty-file")
 def _(c):
-    c.upload(c.image("empty.jpg", lambda p: b""), "is not an image PIL can read")
+    c.upload(c.image("empty.jpg", lambda p: b""), "cannot be read as an image: not a format PIL reads")
 
 
 @case("image/upload-not-an-image")
 def _(c):
-    c.upload(c.image("notes.png", lambda p: b"%PDF-1.4 this is not a picture\n"), "is not an image PIL can read")
+    c.upload(c.image("notes.png", lambda p: b"%PDF-1.4 this is not a picture\n"), "cannot be read as an image")
 
 
 @case("image/chat-cli-not-an-image")
@@ -408,12 +428,12 @@ def _(c):
 
 @case("image/upload-truncated-png")
 def _(c):
-    c.upload(c.image("cut.png", lambda p: _noise("PNG")[:600]), "could not be decoded .* truncated or damaged")
+    c.upload(c.image("cut.png", lambda p: _noise("PNG")[:600]), TRUNCATED.format("cut.png"))
 
 
 @case("image/upload-truncated-jpeg")
 def _(c):
-    c.upload(c.image("cut.jpg", lambda p: _noise("JPEG")[:700]), "could not be decoded .* truncated or damaged")
+    c.upload(c.image("cut.jpg", lambda p: _noise("JPEG")[:700]), TRUNCATED.format("cut.jpg"))
 
 
 @case("image/api-png-cut-in-its-header")
@@ -517,6 +537,207 @@ def _(c):
     assert np.asarray(open_upload(path)).shape == (32, 16, 3)
 
 
+# one behaviour for the same input everywhere
+
+def _truncated(c, name: str = "cut.png") -> Path:
+    """A 64 x 64 picture cut short: its header whole, its pixel data half there."""
+    fmt = "PNG" if name.endswith(".png") else "JPEG"
+    return c.image(name, lambda p: _noise(fmt)[:600 if fmt == "PNG" else 700])
+
+
+def _data_with_a_truncated_image(c) -> tuple[Path, str]:
+    """A copy of the shapes data whose first test question's image is cut in half."""
+    data = Path(shutil.copytree(c.data, c.tmp / "data"))
+    first = json.loads((data / "test.json").read_text())[0]
+    image = data / first["image"]
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    return data, Path(first["image"]).name
+
+
+def _eval_argv(c, model: Path, data: Path, device: str = "cpu") -> list:
+    return ["--benchmark", "shapes", "--model", model, "--data", data, "--limit", 1, "--device", device,
+            "--out", c.tmp / "eval", "--quiet"]
+
+
+@case("image/api-truncated-refused")
+def _(c):
+    path = _truncated(c)
+    c.api(lambda: c.vlm.generate(path, "What?", max_new_tokens=1), TRUNCATED.format("cut.png"))
+
+
+@case("image/api-truncated-pil-image-refused")
+def _(c):
+    path = _truncated(c, "cut.jpg")
+    c.api(lambda: c.vlm.chat().ask(Image.open(path), "What?"), TRUNCATED.format("cut.jpg"))
+
+
+@case("image/api-truncated-allowed")
+def _(c):
+    path = _truncated(c, "cut.jpg")
+    with tinyllava_edge.load(c.bundle, allow_truncated_images=True, **EXACT) as vlm:
+        assert isinstance(vlm.generate(path, "What?", max_new_tokens=1), str)
+        assert isinstance("".join(vlm.stream(path, "Why?", max_new_tokens=1)), str)
+        assert isinstance(vlm.chat().ask(path, "What colour?", max_new_tokens=1), str)
+
+
+@case("image/api-allow-truncated-not-a-bool")
+def _(c):
+    c.api(lambda: tinyllava_edge.load(c.bundle, allow_truncated_images="yes", **EXACT),
+          "allow_truncated_images must be True or False")
+
+
+@case("image/chat-cli-truncated-refused")
+def _(c):
+    c.cli(_chat, ["--model", c.bundle, "--device", "cpu", "--image", _truncated(c), "--prompt", "hi"],
+          TRUNCATED.format("cut.png"))
+
+
+@case("image/chat-cli-truncated-allowed")
+def _(c):
+    c.capsys.readouterr()
+    assert _chat(["--model", str(c.bundle), "--device", "cpu", "--threads", "1", "--image", str(_truncated(c)),
+                  "--prompt", "hi", "--max-new-tokens", "1", "--no-stats", "--allow-truncated-images"]) == 0
+    assert "error" not in c.capsys.readouterr().err
+
+
+@case("image/eval-cli-truncated-refused")
+def _(c):
+    data, name = _data_with_a_truncated_image(c)
+    c.cli(_eval, _eval_argv(c, c.bundle, data), TRUNCATED.format(name))
+
+
+@case("image/eval-cli-checkpoint-truncated-refused")
+def _(c):
+    data, name = _data_with_a_truncated_image(c)
+    c.cli(_eval, _eval_argv(c, c.ckpt, data), TRUNCATED.format(name))
+
+
+@case("image/eval-cli-truncated-allowed")
+def _(c):
+    data, _ = _data_with_a_truncated_image(c)
+    c.capsys.readouterr()
+    assert _eval([str(a) for a in _eval_argv(c, c.bundle, data)] + ["--allow-truncated-images"]) == 0
+    results = json.loads((c.tmp / "eval" / "results.json").read_text())
+    assert results["settings"]["allow_truncated_images"] is True
+
+
+@case("image/upload-truncated-allowed")
+def _(c):
+    assert open_upload(_truncated(c), allow_truncated=True).size == (64, 64)
+
+
+def _server_image(path: Path, allow_truncated: bool = False):
+    """A request image as tinyllava-serve receives it (a data: URI), under its image policy."""
+    import base64
+
+    pytest.importorskip("starlette")
+    from tinyllava_edge.apps.serve.images import ImagePolicy, load_request_image
+
+    policy = ImagePolicy(max_image_bytes=2**20, max_image_pixels=2**20, allow_truncated=allow_truncated)
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return load_request_image(url, policy, "messages[0].content[1].image_url")
+
+
+@case("image/server-truncated-refused")
+def _(c):
+    from tinyllava_edge.apps.serve.errors import ApiError
+
+    image = _server_image(_truncated(c))
+    message = c.api(image.decode, TRUNCATED.format(r"messages\[0\]\.content\[1\]\.image_url"), kind=ApiError)
+    assert "--allow-truncated-images" in message
+
+
+@case("image/server-truncated-allowed")
+def _(c):
+    assert _server_image(_truncated(c), allow_truncated=True).decode().size == (64, 64)
+
+
+@case("image/one-refusal-everywhere")
+def _(c):
+    path = _truncated(c)
+    said = [c.api(lambda: c.vlm.generate(path, "What?", max_new_tokens=1), "is truncated"),
+            c.upload(path, "is truncated"),
+            c.api(_server_image(path).decode, "is truncated"),
+            c.cli(_chat, ["--model", c.bundle, "--device", "cpu", "--image", path, "--prompt", "hi"],
+                  "is truncated").removeprefix("error: ")]
+    assert len({re.sub(r"'[^']*'", "IMAGE", message) for message in said}) == 1, said
+
+
+@case("cli/export-bad-format")
+def _(c):
+    c.cli(_export, ["--model", c.ckpt, "--out", c.tmp / "o", "--format", "zip"],
+          r"^error: argument --format: invalid choice: 'zip' \(choose from .*gguf.*onnx")
+
+
+@case("cli/export-bits-not-a-number")
+def _(c):
+    c.cli(_export, ["--model", c.ckpt, "--out", c.tmp / "o", "--bits", "sixteen"],
+          r"argument --bits: invalid choice: 'sixteen' \(choose from 4, 8, 16, 32\)")
+
+
+@case("cli/chat-bad-device")
+def _(c):
+    c.cli(_chat, ["--model", c.bundle, "--device", "tpu"], r"argument --device: invalid choice: 'tpu' .*jetson")
+
+
+@case("cli/demo-bad-device")
+def _(c):
+    c.cli(_demo, ["--model", c.bundle, "--device", "npu"], r"argument --device: invalid choice: 'npu' .*cuda")
+
+
+@case("cli/eval-checkpoint-on-a-device-torch-lacks")
+def _(c):
+    c.cli(_eval, _eval_argv(c, c.ckpt, c.data, device="tpu"), "device 'tpu' is not a torch device")
+
+
+@case("cli/train-unknown-option")
+def _(c):
+    c.cli(_train, ["--model", c.ckpt, "--output", c.tmp / "run", "--learning-rate", 1],
+          r"unrecognized arguments: --learning-rate 1 \(see tinyllava-train --help\)")
+
+
+@case("cli/serve-bad-device")
+def _(c):
+    def serve(argv):
+        from tinyllava_edge.cli.serve import main
+        return main(argv)
+    c.cli(serve, ["--model", c.bundle, "--device", "tpu"], r"argument --device: invalid choice: 'tpu' .*jetson")
+
+
+@case("cli/quantize-missing-out")
+def _(c):
+    c.cli(_quantize, ["--bundle", c.bundle], "the following arguments are required: --out")
+
+
+@case("net/missing-tokenizer-folder-is-not-looked-up-online")
+def _(c):
+    from tinyllava_edge.model import load_tokenizer
+    from tinyllava_edge.testing.network import NetworkGuard
+
+    with NetworkGuard() as guard:
+        c.api(lambda: load_tokenizer("no-such-folder/tokenizer"),
+              "tokenizer folder no-such-folder/tokenizer does not exist")
+        c.cli(_train, ["--preset", "tiny-shapes", "--tokenizer", "no-such/tokenizer", "--data",
+                       c.data / "train.json", "--output", c.tmp / "run", "--quiet"], "no-such/tokenizer does not exist")
+    assert guard.attempts == []
+
+
+@case("files/written-with-the-umask-mode")
+def _(c):
+    import stat
+
+    from tinyllava_edge.quant.bundle import quantize_bundle
+
+    before = os.umask(0o027)
+    try:
+        quantize_bundle(c.bundle, c.tmp / "q8", quant="Q8_0", verify=False, progress=False)
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (c.tmp / "q8").iterdir()}
+    assert set(modes.values()) == {0o640}, modes  # not 0600: the group may read what the user wrote
+    assert stat.S_IMODE((c.tmp / "q8").stat().st_mode) == 0o750
+
+
 # text
 
 @case("text/empty-prompt-stream")
@@ -612,6 +833,22 @@ def _(c):
 @case("data/no-assistant-turn")
 def _(c):
     _train_on(c, json.dumps(_record(turns=(("human", "<image>\nWhat colour?"),))) + "\n", "no assistant")
+
+
+@case("data/truncated-image-trains-as-in-the-factory")
+def _(c):
+    data = Path(shutil.copytree(c.data, c.tmp / "data"))
+    records = json.loads((data / "train.json").read_text())[:2]
+    for record in records:
+        image = data / record["image"]
+        image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    (data / "cut.json").write_text(json.dumps(records))
+    with pytest.raises(TinyLlavaError, match="is truncated"):
+        load_image(data / records[0]["image"])  # what every other entry point says
+    c.capsys.readouterr()
+    assert _train(["--model", str(c.ckpt), "--data", str(data / "cut.json"), "--output", str(c.tmp / "run"),
+                   "--max-steps", "1", "--batch-size", "1", "--quiet"]) == 0, c.capsys.readouterr().err
+    assert (c.tmp / "run" / "model.safetensors").is_file()
 
 
 def test_the_corpus_is_large_enough():

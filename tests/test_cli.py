@@ -1,4 +1,6 @@
-"""Every console script answers --help; the main job runs end to end on the default."""
+"""Every console script answers --help, and a bad, missing or unknown option with one `error:`
+line naming it (and the values it takes) and exit code 2; the main job runs end to end on the
+default."""
 
 import shutil
 import subprocess
@@ -25,6 +27,76 @@ def test_help(name, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:") and name in out
+
+
+# What each command needs before argparse looks at the rest.
+REQUIRED = {"tinyllava-bench": ["speed", "--model", "m"], "tinyllava-chat": ["--model", "m"],
+            "tinyllava-data": ["--out", "d"], "tinyllava-demo": [], "tinyllava-edge": [],
+            "tinyllava-eval": ["--benchmark", "shapes"], "tinyllava-export": ["--model", "m", "--out", "o"],
+            "tinyllava-quantize": ["--out", "o"], "tinyllava-serve": [],
+            "tinyllava-train": ["--preset", "p", "--output", "o"]}
+# (command, argv, what the one line must name). Each command is here with an unknown option; those
+# with required options, choices or typed values with those too.
+BAD_OPTIONS = [
+    *[(name, [*REQUIRED[name], "--no-such-option"], ["unrecognized arguments: --no-such-option"])
+      for name in sorted(SCRIPTS)],
+    ("tinyllava-bench", [], ["required: command"]),
+    ("tinyllava-bench", ["race"], ["argument command", "'race'", "speed"]),
+    ("tinyllava-bench", ["speed"], ["required: --model"]),
+    ("tinyllava-bench", ["speed", "--model", "m", "--rounds", "x"], ["--rounds", "invalid int value: 'x'"]),
+    ("tinyllava-chat", [], ["required: --model"]),
+    ("tinyllava-chat", ["--model", "m", "--device", "tpu"], ["--device", "'tpu'", "auto", "cpu", "cuda", "jetson"]),
+    ("tinyllava-chat", ["--model", "m", "--dtype", "fp64"], ["--dtype", "fp32", "bf16", "fp16"]),
+    ("tinyllava-chat", ["--model", "m", "--temperature", "hot"], ["--temperature", "invalid float value: 'hot'"]),
+    ("tinyllava-data", [], ["required: --out"]),
+    ("tinyllava-data", ["--out", "d", "--seed", "q"], ["--seed", "invalid int value: 'q'"]),
+    ("tinyllava-demo", ["--device", "tpu"], ["--device", "'tpu'", "auto", "cpu", "cuda", "jetson"]),
+    ("tinyllava-demo", ["--port", "http"], ["--port", "invalid int value: 'http'"]),
+    ("tinyllava-edge", ["--questions", "five"], ["--questions", "invalid int value: 'five'"]),
+    ("tinyllava-eval", [], ["required: --benchmark"]),
+    ("tinyllava-eval", ["--benchmark", "imagenet"], ["--benchmark", "'imagenet'", "shapes", "pope", "vqav2"]),
+    ("tinyllava-eval", ["--benchmark", "shapes", "--limit", "all"], ["--limit", "invalid int value: 'all'"]),
+    ("tinyllava-export", [], ["required: --model, --out"]),
+    ("tinyllava-export", ["--model", "m", "--out", "o", "--format", "zip"], ["--format", "'zip'", "gguf", "onnx"]),
+    ("tinyllava-export", ["--model", "m", "--out", "o", "--bits", "12"], ["--bits", "12", "4, 8, 16, 32"]),
+    ("tinyllava-export", ["--model", "m", "--out", "o", "--bits", "x"], ["--bits", "'x'", "4, 8, 16, 32"]),
+    ("tinyllava-quantize", [], ["required: --out"]),
+    ("tinyllava-quantize", ["--out", "o", "--quant", "Q3"], ["--quant", "'Q3'", "Q4_K_M", "Q8_0"]),
+    ("tinyllava-quantize", ["--out", "o", "--onnx", "int2"], ["--onnx", "'int2'", "int4", "int8"]),
+    ("tinyllava-quantize", ["--out", "o", "--quant", "Q8_0", "--bits", "4"], ["--bits", "not allowed with", "--quant"]),
+    ("tinyllava-quantize", ["--out", "o", "--torch", "awq"], ["--torch", "'awq'", "gptq"]),
+    ("tinyllava-serve", ["--device", "tpu"], ["--device", "'tpu'", "auto", "cpu", "cuda", "jetson"]),
+    ("tinyllava-serve", ["--workers", "two"], ["--workers", "invalid int value: 'two'"]),
+    ("tinyllava-serve", ["--log-level", "loud"], ["--log-level", "'loud'", "debug", "warning"]),
+    ("tinyllava-train", ["--output", "o"], ["one of the arguments --model --preset is required"]),
+    ("tinyllava-train", ["--preset", "p"], ["required: --output"]),
+    ("tinyllava-train", ["--preset", "p", "--output", "o", "--stage", "zz"], ["--stage", "pretrain", "finetune"]),
+    ("tinyllava-train", ["--preset", "p", "--output", "o", "--precision", "fp8"], ["--precision", "bf16"]),
+    ("tinyllava-train", ["--preset", "p", "--output", "o", "--lr", "fast"], ["--lr", "invalid float value"]),
+]
+
+
+def _case_id(case) -> str:
+    return " ".join([case[0].removeprefix("tinyllava-"), *case[1]]) or case[0]
+
+
+def test_every_command_has_a_bad_option_case():
+    assert REQUIRED.keys() == SCRIPTS.keys()
+    assert {name for name, argv, _ in BAD_OPTIONS if "--no-such-option" not in argv} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name, argv, names", BAD_OPTIONS, ids=[_case_id(c) for c in BAD_OPTIONS])
+def test_a_bad_option_is_one_error_line(name, argv, names, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _entry(SCRIPTS[name])(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    for part in names:
+        assert part in lines[0], (part, lines[0])
+    assert f"(see {name}" in lines[0] and lines[0].endswith(" --help)"), lines[0]
 
 
 def test_pipeline_runs_and_reuses_its_stages(tmp_path, capsys):

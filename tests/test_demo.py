@@ -154,7 +154,7 @@ def test_model_card_of_a_quantized_bundle(variants_dir, tmp_path):
 
 
 def test_bad_uploads_one_sentence(bad_files):
-    expected = {"text": "not an image", "truncated": "truncated", "huge": "20000"}
+    expected = {"text": "cannot be read as an image", "truncated": "is truncated", "huge": "20000"}
     for kind, path in bad_files.items():
         with pytest.raises(TinyLlavaError) as err:
             open_upload(path)
@@ -196,6 +196,36 @@ def test_handler_streams_and_keeps_history(variants_dir, tmp_path, reference):
         assert state.chat.turns[1].image_rows is None
     finally:
         pool.close()
+
+
+def test_truncated_uploads_follow_the_demo_option(variants_dir, bad_files, monkeypatch, capsys):
+    """Refused by default with the sentence every entry point gives; answered with
+    --allow-truncated-images (tinyllava_edge/data/images.py)."""
+    pool = ModelPool(discover(variants_dir), OPTIONS)
+    upload = {"path": str(bad_files["truncated"]), "orig_name": "holiday.png"}
+    try:
+        for allowed in (False, True):
+            handlers = DemoHandlers(pool, allow_truncated_images=allowed)
+            status = list(handlers.ask(upload, "What shape?", "bundle", "cpu", 4, 0.0, 1.0, -1, None))[-1][2]
+            if allowed:
+                assert status.startswith(ANSWERED) and handlers.check_upload(upload).startswith("image ready")
+            else:
+                assert status.startswith(PROBLEM) and "image file 'holiday.png' is truncated" in status, status
+                assert "--allow-truncated-images" in handlers.check_upload(upload)
+    finally:
+        pool.close()
+
+    seen = {}
+
+    def fake_build_app(variants, device, **options):  # the command hands the option to the page
+        seen.update(options)
+        raise TinyLlavaError("stop here")
+
+    monkeypatch.setattr("tinyllava_edge.apps.demo.build_app", fake_build_app)
+    for argv, expected in (([], False), (["--allow-truncated-images"], True)):
+        assert demo_main(["--model", str(variants_dir), *argv]) == 2
+        assert seen["allow_truncated_images"] is expected
+    assert "stop here" in capsys.readouterr().err
 
 
 # -- a real browser ---------------------------------------------------------------------------------

@@ -131,6 +131,12 @@ def test_train_killed_mid_run_resumes_to_the_same_weights(built, tmp_path, one_t
     (half / "trainer_state.json").unlink(missing_ok=True)
     weights = half / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    # ... or one whose trainer_state.json was cut short (transformers writes it in place)
+    cut_short = cut / "checkpoint-24"
+    if not cut_short.exists():
+        shutil.copytree(done[-1], cut_short)
+    state = cut_short / "trainer_state.json"
+    state.write_text(state.read_text()[:10] if state.is_file() else "")
 
     assert main([*_train_argv(built, cut), "--resume"]) == 0
     assert main(_train_argv(built, tmp_path / "whole")) == 0

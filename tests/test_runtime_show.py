@@ -367,10 +367,12 @@ def test_bad_images_prompts_and_devices(paths, edge, tmp_path):
     with pytest.raises(TinyLlavaError, match="cannot be read as an image|is a directory|not a file") as info:
         edge.generate(tmp_path, "What?", max_new_tokens=2)
     print(f"\nimage is a directory: {_one_sentence(info)}")
-    # a truncated file loads with its missing rows grey, as TinyLLaVA_Factory's loader does (preprocess.py)
+    # a truncated file is refused unless allowed (data/images.py; allowed: tests/test_bad_inputs.py)
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(paths["png"].read_bytes()[:200])
-    assert edge.generate(truncated, "What?", max_new_tokens=2) is not None
+    with pytest.raises(TinyLlavaError, match="is truncated .*--allow-truncated-images") as info:
+        edge.generate(truncated, "What?", max_new_tokens=2)
+    print(f"truncated image: {_one_sentence(info)}")
 
     min_ctx = 256  # llama.cpp rounds a context up to a multiple of 256
     with tinyllava_edge.load(paths["bundle"], n_ctx=edge.backend.image_tokens + 64, **EXACT) as small:

@@ -5,9 +5,13 @@ Importing this package is light: no torch. The model framework lives in
 is imported on first use and runs a bundle without torch.
 """
 
+from tinyllava_edge import offline
 from tinyllava_edge.errors import TinyLlavaError
 
 __version__ = "0.1.0"
+
+# Before anything imports bitsandbytes, which would fetch a kernel from the Hugging Face Hub.
+offline.install()
 
 __all__ = ["TinyLlavaError", "__version__", "load"]
 

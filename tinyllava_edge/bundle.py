@@ -29,11 +29,12 @@ order):
 :func:`read_manifest` refuses a bundle whose files were changed or lost, or whose parts disagree
 (image-embedding width, image-token count, image size), with one sentence naming both values.
 
-Writing one: a stage assembles the bundle in a staging folder beside the destination
-(:func:`staged`), records each file with :func:`file_record`, writes the manifest with
-:func:`write_manifest`, and renames the folder into place with :func:`move_into_place`, so an
-interrupted or failed run leaves nothing at the destination. :func:`check_destination` refuses
-to replace anything but a previous bundle.
+Writing one: :func:`check_destination` first (it refuses to replace anything but a previous
+bundle); then a stage assembles the bundle in a staging folder beside the destination
+(`tinyllava_edge.atomic.staged_folder`), records each file with :func:`file_record`, writes the
+manifest with :func:`write_manifest`, and renames the folder into place
+(`tinyllava_edge.atomic.replace_folder`), so an interrupted or failed run leaves nothing at the
+destination. :func:`source_record` hashes the checkpoint a bundle came from.
 
 No torch (or any model library) here: the edge runtime reads bundles with the standard library.
 docs/architecture.md places this module among the stages.
@@ -44,13 +45,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tinyllava_edge.atomic import write_text
 from tinyllava_edge.errors import TinyLlavaError
 
 FORMAT_VERSION = 1
@@ -76,17 +75,7 @@ def file_record(path: Path, role: str, fmt: str, quant: str, **facts: Any) -> di
 
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
     """Write `folder/manifest.json` through a temporary name (a reader never sees half a file)."""
-    final = folder / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return final
+    return write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 def is_bundle(folder: str | os.PathLike) -> bool:
@@ -194,7 +183,7 @@ def files_by_role(manifest: Mapping[str, Any], role: str) -> list[dict]:
     return [f for f in manifest["files"] if f.get("role") == role]
 
 
-# -- writing a bundle: staging, the atomic rename, the source record ---------------------------------
+# -- writing a bundle: the destination check, the source record --------------------------------------
 
 def check_destination(final: Path, overwrite: bool) -> None:
     """Before any work: one sentence when `final` cannot receive a bundle (a file, an unwritable
@@ -216,45 +205,6 @@ def check_destination(final: Path, overwrite: bool) -> None:
         if not is_bundle(final):
             raise TinyLlavaError(f"output directory {final} is not empty and holds no bundle {MANIFEST_NAME}; "
                                  "refusing to replace it")
-
-
-def staging_dir(final: Path) -> Path:
-    """A new hidden folder `.NAME.*.tmp` beside `final` (same filesystem: the rename is atomic)."""
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    except OSError as exc:
-        raise TinyLlavaError(f"cannot write the bundle {final} ({exc.strerror or exc})") from None
-
-
-@contextmanager
-def staged(final: Path) -> Iterator[Path]:
-    """A fresh staging folder beside `final` (see :func:`staging_dir`), removed if the block fails;
-    the block ends by moving it into place with :func:`move_into_place`."""
-    staging = staging_dir(final)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def move_into_place(staging: Path, final: Path) -> None:
-    """Rename the finished bundle to `final`, replacing an empty dir or (checked before) an old bundle."""
-    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.replace(final, old / final.name)
-    try:
-        os.replace(staging, final)
-    except OSError:
-        if old is not None:  # put the previous bundle back
-            os.replace(old / final.name, final)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def source_record(source: Path, layout: str) -> dict:

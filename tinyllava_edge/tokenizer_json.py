@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from tinyllava_edge.atomic import write_text
 
 # 5.x class name -> the name 4.x knows for the same class
 _CLASS_NAMES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
@@ -52,13 +53,5 @@ def write_legacy_merges(path: str | os.PathLike) -> bool:
 
 
 def _rewrite(path: Path, data: Any) -> None:
-    """`data` as JSON at `path` through a temporary name, keeping the file's mode."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """`data` as JSON at `path` through a temporary name (atomic.py)."""
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=2))

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from tinyllava_edge.data.preprocess import PreprocessConfig, load_image, preprocess
+from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
 from tinyllava_edge.data.template import Template
 from tinyllava_edge.errors import DataError, TinyLlavaError
 
@@ -321,7 +321,9 @@ class SupervisedDataset(Dataset):
             ids, labels = ids[: sample.keep_tokens], labels[: sample.keep_tokens]
         if sample.image is not None:
             try:
-                pixels = preprocess(load_image(sample.image), self.preprocess_config)[0]
+                # Truncated files are decoded, not refused (data/images.py): Factory's behaviour for
+                # training sets, where a few damaged files should not stop a long run.
+                pixels = preprocess(sample.image, self.preprocess_config, allow_truncated=True)[0]
             except TinyLlavaError as exc:
                 raise DataError(f"{sample.source}: {exc}") from None
         else:

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from tinyllava_edge.atomic import write_text
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.registry import Registry
 from tinyllava_edge.train.config import TrainConfig
@@ -151,7 +152,7 @@ def train_preset(name: str, output: str | os.PathLike, *, seed: int = 0, overwri
     summary["steps"] = steps
     summary["train_wall_seconds"] = round(sum(s["seconds"] for s in steps if s["step"] != "eval"), 2)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    _write_json(out / SUMMARY_FILE, summary)
+    write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -175,10 +176,6 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def recipe_description(name: str) -> dict:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from tinyllava_edge.atomic import atomic_file, write_text
 
 LOSS_PNG = "loss.png"
 SUMMARY_JSON = "train_summary.json"
@@ -33,22 +33,11 @@ def plot_loss(points: list[tuple[int, float]], out: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return out
 
 
 def write_summary(summary: dict[str, Any], out: Path) -> Path:
-    _atomic(out, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))
-    return out
-
-
-def _atomic(final: Path, write) -> None:
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    try:
-        write(name)
-        os.replace(name, final)
-    finally:
-        if os.path.exists(name):
-            os.unlink(name)
+    return write_text(out, json.dumps(summary, indent=2) + "\n")

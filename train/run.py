@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tinyllava_edge.atomic import write_text
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.train.config import TrainConfig
 from tinyllava_edge.train.data import (Collator, SampleChecker, SupervisedDataset, default_image_folder,
@@ -278,19 +279,28 @@ def _prepare_output(out: Path, config: TrainConfig) -> None:
         for old in out.glob("checkpoint-*"):
             if old.is_dir():
                 shutil.rmtree(old)
-    (out / CONFIG_JSON).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_text(out / CONFIG_JSON, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def last_complete_checkpoint(out: Path) -> Path | None:
     """The highest `checkpoint-N` that was written to the end, or None.
 
     transformers writes `trainer_state.json` last in a checkpoint (Trainer._save_checkpoint: model,
-    optimizer, scheduler, RNG, then state), so a run killed while saving leaves a folder without it;
-    its own `get_last_checkpoint` would pick that half-written folder and the resume would fail.
+    optimizer, scheduler, RNG, then state), so a run killed while saving leaves a folder without it,
+    or with only part of it (it is written in place); its own `get_last_checkpoint` would pick that
+    half-written folder and the resume would fail.
     """
     done = [(int(m.group(1)), path) for path in out.glob("checkpoint-*")
-            if (m := _CHECKPOINT.fullmatch(path.name)) and (path / "trainer_state.json").is_file()]
+            if (m := _CHECKPOINT.fullmatch(path.name)) and _whole_json(path / "trainer_state.json")]
     return max(done)[1] if done else None
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, or cut short by a kill
+        return False
+    return True
 
 
 def _checkpoint_step(out: Path) -> int:

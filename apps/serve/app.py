@@ -49,7 +49,8 @@ def build_app(settings: ServeSettings, *, loader: Callable[..., VLM] | None = No
     given; `on_load_failure(err)` is called in the event loop when a worker does not load)."""
     metrics = ServeMetrics()
     pool = WorkerPool(settings, metrics, loader)
-    policy = ImagePolicy(settings.max_image_bytes, settings.max_image_pixels, settings.allow_files)
+    policy = ImagePolicy(settings.max_image_bytes, settings.max_image_pixels, settings.allow_files,
+                         settings.allow_truncated_images)
     started = int(time.time())
 
     @contextlib.asynccontextmanager

@@ -11,7 +11,9 @@ A request keeps its images encoded (:class:`RequestImage`) while it waits for a 
 queue holds at most its bodies' bytes; the worker decodes them (:meth:`RequestImage.decode`) the
 demo's way (:func:`tinyllava_edge.apps.uploads.open_image`): the declared size is checked against
 ``max_image_pixels`` before any pixel is decoded (a PNG bomb declares its size in its header),
-the image is decoded fully (a truncated one is refused) and converted to RGB the runtime's way.
+the image is decoded fully (a truncated one is refused unless the server was started with
+--allow-truncated-images, as everywhere: tinyllava_edge/data/images.py) and converted to RGB the
+runtime's way.
 A problem found there is still answered before the first token: 413 over a cap, 400 otherwise.
 """
 
@@ -45,6 +47,7 @@ class ImagePolicy:
     max_image_bytes: int
     max_image_pixels: int
     allow_files: Path | None = None
+    allow_truncated: bool = False  # decode a truncated image instead of refusing it (data/images.py)
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class RequestImage:
         """The RGB image, fully decoded; ApiError 413 over the pixel caps, 400 for anything unusable."""
         try:
             return open_image(io.BytesIO(self.data), self.param, max_side=MAX_SIDE,
-                              max_pixels=self.policy.max_image_pixels, taker=TAKER)
+                              max_pixels=self.policy.max_image_pixels, taker=TAKER,
+                              allow_truncated=self.policy.allow_truncated)
         except ImageTooLarge as err:
             raise ApiError(413, str(err), param=self.param, code="image_too_large") from None
         except TinyLlavaError as err:

@@ -31,4 +31,5 @@ class ServeSettings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     threads: int | None = None  # CPU threads per worker; None: the physical cores shared out among the workers
+    allow_truncated_images: bool = False  # decode truncated images instead of refusing them (data/images.py)
     load_options: dict = field(default_factory=dict)  # more options for tinyllava_edge.load

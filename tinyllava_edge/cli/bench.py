@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
 
 DEFAULT_DOCS = Path("docs")
 DEFAULT_JSON = Path("docs") / "results" / "bench.json"
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tinyllava_edge.bench import speed
     from tinyllava_edge.bench.contenders import DEFAULT_CONTENDERS
 
-    parser = argparse.ArgumentParser(prog="tinyllava-bench",
+    parser = ArgumentParser(prog="tinyllava-bench",
                                      description="Benchmarks of tinyllava-edge against the alternatives.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail
 from tinyllava_edge.errors import TinyLlavaError
 
 HELP = "commands: /image PATH (goes with the next question), /reset (forget the conversation), /quit"
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tinyllava_edge.runtime.devices import DEVICES
     from tinyllava_edge.runtime.vlm import DEFAULT_MAX_NEW_TOKENS
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tinyllava-chat",
         description="Chat with a model: a bundle (manifest.json; onnxruntime + llama.cpp, no torch) or a "
                     "checkpoint (config.json; transformers). With --prompt it answers once and exits; without, "
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="checkpoints only: torch dtype (fp32)")
     parser.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="drop_oldest",
                         help="when the conversation outgrows the context (%(default)s)")
+    add_truncated_images_option(parser)
     parser.add_argument("--no-stats", action="store_true", help="no stats line after each answer")
     return parser
 
@@ -57,7 +58,8 @@ def load_model(args: argparse.Namespace):
     from tinyllava_edge.runtime import load
 
     options = {"n_threads": args.threads, "n_ctx": args.n_ctx, "dtype": args.dtype}
-    return load(args.model, device=args.device, **{k: v for k, v in options.items() if v is not None})
+    return load(args.model, device=args.device, allow_truncated_images=args.allow_truncated_images,
+                **{k: v for k, v in options.items() if v is not None})
 
 
 def _answer(session, image, question: str, out: TextIO, err: TextIO, stats: bool) -> None:

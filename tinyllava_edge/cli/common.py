@@ -1,8 +1,10 @@
-"""What every command shares: the one-line error exit."""
+"""What every command shares: its argument parser and the one-line error exit."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import NoReturn
 
 from tinyllava_edge.errors import TinyLlavaError
 
@@ -19,3 +21,29 @@ def fail(err: BaseException, hint: str = "") -> int:
     message = " ".join(message.split())  # one line, whatever the exception carried
     print(f"error: {message}{' ' + hint if hint else ''}", file=sys.stderr)
     return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every command's parser: a bad, missing or unknown option is one `error:` line on stderr,
+    naming the option and what it takes, and exit code 2, like every other user error of the
+    command; `--help` prints the full help as usual."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+    def _get_value(self, action: argparse.Action, arg_string: str):
+        # argparse says "invalid int value: 'x'" for `--bits x` without the values --bits takes.
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError:
+            if action.choices is None:
+                raise
+            choices = ", ".join(str(c) for c in action.choices)
+            raise argparse.ArgumentError(action, f"invalid choice: {arg_string!r} (choose from {choices})") from None
+
+
+def add_truncated_images_option(parser: argparse.ArgumentParser) -> None:
+    """`--allow-truncated-images`, the same words in every command that reads images."""
+    from tinyllava_edge.data.images import ALLOW_TRUNCATED_HELP, ALLOW_TRUNCATED_OPTION
+
+    parser.add_argument(ALLOW_TRUNCATED_OPTION, action="store_true", help=f"{ALLOW_TRUNCATED_HELP} (default: refuse)")

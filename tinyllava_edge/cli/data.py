@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
 from tinyllava_edge.sizes import human_size
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tinyllava_edge.data.shapes import ShapesConfig
     from tinyllava_edge.data.shapes_tokenizer import DEFAULT_VOCAB_SIZE
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tinyllava-data",
         description=(
             "Write the synthetic shapes VQA dataset: images/*.png, train/val/test.json "

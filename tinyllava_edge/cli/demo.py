@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tinyllava_edge.apps.variants import DEFAULT_BUNDLE
     from tinyllava_edge.runtime.devices import DEVICES
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tinyllava-demo",
         description="Chat with a model about an image in the browser, with live speed figures.",
     )
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests handled at once (%(default)s); answers on one model still run one at a time")
     parser.add_argument("--max-file-size", default=MAX_FILE_SIZE, help="largest upload (%(default)s)")
     parser.add_argument("--threads", type=int, help="CPU threads per model (default: physical cores)")
+    add_truncated_images_option(parser)
     return parser
 
 
@@ -56,7 +57,8 @@ def serve(variants, args: argparse.Namespace) -> int:
         from tinyllava_edge.apps.demo import build_app
 
         options = {"n_threads": args.threads} if args.threads else {}
-        app = build_app(variants, args.device, concurrency=args.concurrency, load_options=options, preload=True)
+        app = build_app(variants, args.device, concurrency=args.concurrency, load_options=options, preload=True,
+                        allow_truncated_images=args.allow_truncated_images)
     except USER_ERRORS as err:
         return fail(err)
     print(f"serving {', '.join(v.name for v in variants)} on {args.device}: open http://{args.host}:{args.port} "

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.sizes import human_size
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tinyllava_edge.eval.predictor import DEFAULT_BATCH_SIZE
 
     files = "\n".join(f"  {name:10s} {get_benchmark(name).files_help}" for name in BENCHMARKS)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tinyllava-eval",
         description="Answer a benchmark's questions with a checkpoint (greedy, batched) and score them; "
                     "writes answers.jsonl (LLaVA format), results.json and results.md.",
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="a checkpoint's torch device (cpu, cuda, cuda:1), or a "
                                                         "bundle's runtime device (auto, cpu, cuda, jetson) (%(default)s)")
     parser.add_argument("--template", help="chat template name (default: the LLM family's)")
+    add_truncated_images_option(parser)
     parser.add_argument("--score-only", action="store_true", help="score --answers without running a model")
     parser.add_argument("--answers", type=Path, help="with --score-only: a LLaVA answers .jsonl to score")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,17 +95,16 @@ def run(args: argparse.Namespace) -> dict:
 
     max_new_tokens = args.max_new_tokens or bench.max_new_tokens
     settings = {"batch_size": args.batch_size, "max_new_tokens": max_new_tokens, "device": args.device,
-                "template": args.template or "the LLM family's", "checkpoint": str(args.model)}
+                "template": args.template or "the LLM family's", "checkpoint": str(args.model),
+                "allow_truncated_images": args.allow_truncated_images}
 
     def load_predictor() -> TorchPredictor | RuntimePredictor:  # called after the benchmark files are checked
         kind = backend_kind(args.model)  # "edge" for a bundle, "torch" for a checkpoint
         settings["backend"] = "edge runtime (onnxruntime + llama.cpp)" if kind == "edge" else "torch"
-        if kind == "edge":
-            predictor = RuntimePredictor(args.model, batch_size=args.batch_size, device=args.device,
-                                         max_new_tokens=max_new_tokens, template=args.template)
-        else:
-            predictor = TorchPredictor(args.model, batch_size=args.batch_size, device=args.device,
-                                       max_new_tokens=max_new_tokens, template=args.template)
+        predictor_class = RuntimePredictor if kind == "edge" else TorchPredictor
+        predictor = predictor_class(args.model, batch_size=args.batch_size, device=args.device,
+                                    max_new_tokens=max_new_tokens, template=args.template,
+                                    allow_truncated_images=args.allow_truncated_images)
         settings["template"] = predictor.template.name
         return predictor
 

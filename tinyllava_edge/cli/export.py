@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
 from tinyllava_edge.sizes import human_size
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from tinyllava_edge.quant.precisions import BITS as QUANT_BITS
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tinyllava-export",
         description="Export a TinyLLaVA checkpoint (Factory, legacy TinyLLaVABench or HF LLaVA layout) as an edge "
                     "bundle: vision.onnx, llm-<TYPE>.gguf, mmproj-<TYPE>.gguf (stock llama.cpp) and manifest.json. "

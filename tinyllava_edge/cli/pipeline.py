@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.sizes import human_size
 
@@ -39,7 +39,7 @@ MAX_NEW_TOKENS = 8  # the shapes benchmark's answer length
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tinyllava-edge",
         description="Run the tinyllava-edge pipeline on the built-in tiny-shapes default: train, export the 16-bit "
                     f"bundle, quantize it to {QUANT_BITS} bits, compare both on held-out questions, serve the demo.",

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.sizes import human_size
 
@@ -23,7 +23,7 @@ TORCH_ONLY = ("checkpoint", "data", "group_size", "samples", "seq_len")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # The lists come from where they are defined; none of these modules imports torch.
+    # The lists come from where they are defined (numpy is the heaviest import here).
     from tinyllava_edge.quant.bundle import DEFAULT_QUANT
     from tinyllava_edge.quant.gguf import GGUF_TYPES
     from tinyllava_edge.quant.onnx import ONNX_SCHEMES
@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = "; ".join(f"{p.bits} -> {p.llm} LLM, {p.mmproj} mmproj, {' + '.join(p.vision)} vision graphs"
                         for p in map(BIT_PRESETS.get, BIT_PRESETS.keys()))
-    # int4-gptq needs calibration images, which only the Python API takes
-    schemes = [k for k in ONNX_SCHEMES.keys() if not ONNX_SCHEMES.get(k).needs_calibration]
-    parser = argparse.ArgumentParser(
+    # int4-gptq needs calibration images, which only the library call takes
+    onnx_schemes = [name for name in ONNX_SCHEMES.keys() if not ONNX_SCHEMES.get(name).needs_calibration]
+    parser = ArgumentParser(
         prog="tinyllava-quantize",
         description="Requantize a bundle's LLM GGUF from its F16/F32 file with llama.cpp's quantizer into a new "
                     "bundle directory (atomic; manifest updated with types, sizes, sha256 and per-tensor types); "
@@ -44,12 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path,
                         help="bundle (or, with --torch, checkpoint) directory to create")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--quant", help=f"GGUF type of the LLM: {', '.join(GGUF_TYPES.keys())} (default {DEFAULT_QUANT})")
+    what.add_argument("--quant", choices=GGUF_TYPES.keys(), help=f"GGUF type of the LLM (default {DEFAULT_QUANT})")
     what.add_argument("--bits", type=int, help=f"bundle, what tinyllava-export --bits writes: {presets}; --torch gptq: "
                                                "4 (the default)")
-    parser.add_argument("--onnx", action="append", default=[], metavar="SCHEME",
-                        help=f"add a quantized vision graph ({', '.join(schemes)}; repeatable; with --bits: instead "
-                             "of the preset's)")
+    parser.add_argument("--onnx", action="append", default=[], choices=onnx_schemes,
+                        help="add a quantized vision graph (repeatable; with --bits: instead of the preset's)")
     parser.add_argument("--vision-default", help="vision graph the runtime runs by default (fp32, int8, int4, ...)")
     parser.add_argument("--keep-mmproj", action="store_true", help="copy the mmproj as it is (default: Q8_0)")
     torch = parser.add_argument_group("torch checkpoints (--torch gptq)")

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tinyllava_edge.apps.variants import DEFAULT_BUNDLE
     from tinyllava_edge.runtime.devices import DEVICES
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tinyllava-serve",
         description="Serve a bundle or a checkpoint over HTTP with OpenAI's Chat Completions API.",
     )
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "among the workers)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                         help="uvicorn's log level; info logs every request (%(default)s)")
+    add_truncated_images_option(parser)
     return parser
 
 
@@ -87,7 +88,8 @@ def settings_from_args(args: argparse.Namespace):
         workers=args.workers, queue=args.queue, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         allow_files=args.allow_files, cors_origins=tuple(args.cors_origin),
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
-        max_image_pixels=args.max_image_pixels, threads=args.threads)
+        max_image_pixels=args.max_image_pixels, threads=args.threads,
+        allow_truncated_images=args.allow_truncated_images)
 
 
 def main(argv: list[str] | None = None) -> int:

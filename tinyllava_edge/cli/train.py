@@ -11,9 +11,9 @@ import argparse
 import os
 import sys
 from dataclasses import MISSING, fields
-from typing import Any, NoReturn
+from typing import Any
 
-from tinyllava_edge.cli.common import USER_ERRORS, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.sizes import human_size
 
@@ -33,12 +33,6 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other user error of this command.
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def _defaults() -> dict[str, Any]:
     from tinyllava_edge.train.config import TrainConfig
 
@@ -50,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tinyllava_edge.train.recipes import RECIPES, STAGES, TUNE_TYPE_KEYS
 
     d = _defaults()
-    p = _Parser(
+    p = ArgumentParser(
         prog="tinyllava-train",
         description="Train one stage of a TinyLLaVA model on LLaVA-format data, as TinyLLaVA_Factory does "
                     "(recipes base | share | custom; tune types frozen | full | partial | lora | qlora). "

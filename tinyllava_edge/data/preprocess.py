@@ -11,11 +11,11 @@ bundle sees exactly the pixels the model was trained on. It reproduces, value fo
   are ``SiglipImageProcessorPil`` / ``CLIPImageProcessorPil`` (``image_processing_backends.py``,
   ``PilBackend``); the plain names are torchvision backends.
 
-Two deliberate differences from a bare transformers 5 processor, both Factory's behaviour:
-an image with an alpha channel loses it (PIL ``convert("RGB")``; transformers 5 composites it
-onto white), and truncated files load (Factory sets ``ImageFile.LOAD_TRUNCATED_IMAGES``). One
-on request of this project: EXIF orientation is applied (Factory did not; pass
-``exif_transpose=False`` to :func:`load_image` for its exact pixels on rotated JPEGs).
+Images are read by :func:`tinyllava_edge.data.images.load_image` (its policy for truncated
+files is the same at every entry point). A deliberate difference from a bare transformers 5
+processor, Factory's behaviour: an image with an alpha channel loses it (PIL ``convert("RGB")``;
+transformers 5 composites it onto white). One on request of this project: EXIF orientation is
+applied (Factory did not; pass ``exif_transpose=False`` for its exact pixels on rotated JPEGs).
 
 No torch or transformers imports here: the edge runtime runs with numpy and pillow alone.
 """
@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import asdict, dataclass, fields
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from tinyllava_edge.data.images import ImageInput, load_image
 from tinyllava_edge.errors import TinyLlavaError
-
-ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 
 RESIZE_MODES = ("resize", "shortest_edge_crop")
 ASPECTS = ("square", "pad")
@@ -43,8 +41,6 @@ PIL_RESAMPLE = MappingProxyType(
 )
 
 # transformers.image_utils OPENAI_CLIP_MEAN / OPENAI_CLIP_STD and IMAGENET_STANDARD_* (SigLIP).
-_TRUNCATED_LOCK = threading.Lock()
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -259,84 +255,6 @@ def _size_dict(value: Any, key: str) -> dict[str, int]:
     )
 
 
-# ---- loading ---------------------------------------------------------------------------------
-
-
-def load_image(image: ImageInput, exif_transpose: bool = True) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or a uint8 array (H, W), (H, W, 3) or (H, W, 4).
-
-    Other modes become RGB with PIL's ``convert("RGB")`` (alpha dropped, palette expanded,
-    CMYK converted), as Factory's loaders do. EXIF orientation is applied unless
-    ``exif_transpose`` is False. Unreadable files raise :class:`TinyLlavaError`.
-    """
-    if isinstance(image, (str, os.PathLike)):
-        img = _open(os.fspath(image))
-    elif isinstance(image, Image.Image):
-        img = image
-    elif isinstance(image, np.ndarray):
-        img = _from_array(image)
-    else:
-        raise TinyLlavaError(
-            f"an image must be a path, a PIL image or a numpy array, got {type(image).__name__}"
-        )
-    if exif_transpose:
-        img = ImageOps.exif_transpose(img)
-    if img.mode in _WIDE_GREY:
-        img = _grey_to_8bit(img)
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-# 16-bit greyscale (PNG/TIFF) opens as one of these; PIL's convert("RGB") clips every value above
-# 255 to white instead of scaling, so a 16-bit picture came out blank (Factory's loader too).
-_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def _grey_to_8bit(img: Image.Image) -> Image.Image:
-    values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)  # (H, W)
-    if img.mode == "I" and values.max(initial=0) <= 255:
-        return Image.fromarray(values.astype(np.uint8))  # 32-bit storage of 8-bit values
-    return Image.fromarray((values >> 8).astype(np.uint8))
-
-
-def _open(path: str) -> Image.Image:
-    try:
-        return _read(path)
-    except FileNotFoundError:
-        raise TinyLlavaError(f"image file {path!r} does not exist") from None
-    except (UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        raise TinyLlavaError(f"image file {path!r} cannot be read as an image ({err})") from None
-    except OSError:
-        pass  # possibly truncated: read it again the way Factory does
-    # Factory's dataset.py sets ImageFile.LOAD_TRUNCATED_IMAGES = True for the whole process, so
-    # truncated files in the training sets load (missing rows grey). We set it only for this
-    # retry, under a lock, since PIL reads it as a module global.
-    with _TRUNCATED_LOCK:
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = True
-        try:
-            return _read(path)
-        except (OSError, ValueError) as err:
-            raise TinyLlavaError(f"image file {path!r} cannot be read as an image ({err})") from None
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def _read(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()
-        return img.copy()  # detached from the file; keeps `info` (EXIF) for exif_transpose
-
-
-def _from_array(arr: np.ndarray) -> Image.Image:
-    if arr.dtype != np.uint8:
-        raise TinyLlavaError(f"an image array must be uint8, got {arr.dtype}")
-    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
-        return Image.fromarray(np.ascontiguousarray(arr))  # uint8: L, RGB or RGBA by shape
-    raise TinyLlavaError(
-        f"an image array must have shape (H, W), (H, W, 3) or (H, W, 4) (channels last), got {arr.shape}"
-    )
-
-
 def expand_to_square(img: Image.Image, background_rgb: tuple[int, int, int]) -> Image.Image:
     """Factory's ``expand2square``: pad the short side to a square, the image centred (floor).
 
@@ -356,18 +274,21 @@ def expand_to_square(img: Image.Image, background_rgb: tuple[int, int, int]) -> 
 
 
 def preprocess(
-    images: ImageInput | Sequence[ImageInput], cfg: PreprocessConfig, exif_transpose: bool = True
+    images: ImageInput | Sequence[ImageInput], cfg: PreprocessConfig, exif_transpose: bool = True, *,
+    allow_truncated: bool = False,
 ) -> np.ndarray:
     """``pixel_values`` float32 of shape (B, 3, H, W) for one image or a sequence of them.
 
-    Each image goes through :func:`load_image` (``exif_transpose`` is passed on), then the
-    ``pad`` step, resize, crop, rescale and normalisation of ``cfg``.
+    Each image goes through :func:`~tinyllava_edge.data.images.load_image` (``exif_transpose``
+    and ``allow_truncated`` are passed on), then the ``pad`` step, resize, crop, rescale and
+    normalisation of ``cfg``.
     """
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
         images = [images]
     if len(images) == 0:
         raise TinyLlavaError("preprocess needs at least one image")
-    return np.stack([_pixels(load_image(img, exif_transpose), cfg) for img in images])
+    return np.stack([_pixels(load_image(img, exif_transpose, allow_truncated=allow_truncated), cfg)
+                     for img in images])
 
 
 def _pixels(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:

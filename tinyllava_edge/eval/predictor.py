@@ -51,13 +51,26 @@ class Predictor(Protocol):
         ...
 
 
+def _torch_device(device: str):
+    """`device` as a torch device a checkpoint can run on; one sentence for anything else."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TinyLlavaError(f"device {device!r} is not a torch device; a checkpoint runs on cpu, cuda or cuda:N "
+                             "(auto and jetson are for bundles)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise TinyLlavaError(f"device {device!r} was asked for but torch sees no CUDA GPU here; use cpu")
+    return parsed
+
+
 class TorchPredictor:
     """A checkpoint directory (any layout ``from_pretrained`` reads) answering in batches."""
 
     def __init__(self, checkpoint_dir: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "cpu",
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, dtype: Any = None, template: str | None = None):
-        import torch
-
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, dtype: Any = None, template: str | None = None,
+                 allow_truncated_images: bool = False):
         from tinyllava_edge.data.preprocess import PreprocessConfig
         from tinyllava_edge.data.template import default_template_for_family, get_template
         from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer
@@ -70,7 +83,8 @@ class TorchPredictor:
         if not path.is_dir():
             raise TinyLlavaError(f"checkpoint {path} is not a directory; expected a model saved by tinyllava-edge "
                                  "or a released TinyLLaVA checkpoint")
-        self.model = TinyLlavaForConditionalGeneration.from_pretrained(path, device=device, dtype=dtype)
+        self.device = _torch_device(device)
+        self.model = TinyLlavaForConditionalGeneration.from_pretrained(path, device=self.device, dtype=dtype)
         self.tokenizer = load_tokenizer(path)
         config = self.model.config
         self.template = get_template(template or default_template_for_family(config.llm_family))
@@ -80,7 +94,7 @@ class TorchPredictor:
         self.model_id = path.resolve().name
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self.device = torch.device(device)
+        self.allow_truncated_images = allow_truncated_images  # as tinyllava_edge.load's (data/images.py)
         self._stop_ids = self._stop_token_ids()
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else self._stop_ids[0]
@@ -118,7 +132,8 @@ class TorchPredictor:
         pixels = None
         if images:
             dtype = next(self.model.parameters()).dtype
-            pixels = torch.from_numpy(preprocess(images, self.preprocess_config)).to(self.device, dtype)  # (n, 3, H, W)
+            pixels = preprocess(images, self.preprocess_config, allow_truncated=self.allow_truncated_images)
+            pixels = torch.from_numpy(pixels).to(self.device, dtype)  # (n, 3, H, W)
         out = self.model.generate(
             input_ids.to(self.device), images=pixels, attention_mask=mask.to(self.device),
             max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
@@ -141,7 +156,7 @@ class RuntimePredictor:
     images through the vision encoder together, the answers one after another (one KV cache).
 
     ``device`` is the runtime's (auto, cpu, cuda, jetson); ``options`` go to ``load`` (e.g.
-    ``n_threads``, ``kv_type``). Answers are cut at the template's stop strings and stripped, as
+    ``n_threads``, ``kv_type``, ``allow_truncated_images``). Answers are cut at the template's stop strings and stripped, as
     TorchPredictor's.
     """
 

@@ -41,11 +41,11 @@ test2015 question the same way.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from tinyllava_edge.atomic import write_text
 from tinyllava_edge.errors import DataError
 from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Table, Truth
 from tinyllava_edge.eval.formats import (
@@ -80,10 +80,7 @@ def _human_answers(rec: dict) -> list[str]:
 
 def _write_json(path: Path, obj: Any) -> Path:
     # whole or not at all: a submission cut short would be refused only at the server
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(obj), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return write_text(path, json.dumps(obj))
 
 
 # ---- VQAv2 ---------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ import copy
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from tinyllava_edge.atomic import atomic_file, write_text
 from tinyllava_edge.errors import CheckpointError
 from tinyllava_edge.model.configuration import TinyLlavaConfig
 from tinyllava_edge.model.gptq import attach_gptq_llm, gptq_llm_dir
@@ -479,8 +479,9 @@ def save_checkpoint(model, save_directory: str | os.PathLike, state_dict: Mappin
         tensors = _map_tower(tensors, dinov2_to_4x)
     # transformers 4.x readers (the Factory) find their own spellings too: tf4_compat
     text = json.dumps(add_4x_keys(json.loads(config.to_json_string())), indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with atomic_file(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(out / CONFIG_NAME, text)
     return out
 
 
@@ -491,14 +492,3 @@ def _head_for_4x_readers(vision_config, tensors: Mapping[str, torch.Tensor]) -> 
         return {}
     return {_TOWER + k: v for k, v in siglip_head_placeholder(vision_config, tower[0].dtype).items()}
 
-
-def _atomic_write(final: Path, write) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

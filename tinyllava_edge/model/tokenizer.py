@@ -42,13 +42,17 @@ def load_tokenizer(path: str | os.PathLike, model_type: str | None = None, pad_t
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
+    # transformers would take a missing folder for a hub repository id and look it up online
+    if not path.is_dir():
+        raise CheckpointError(f"tokenizer folder {path} {'is a file' if path.exists() else 'does not exist'}; "
+                              "expected a checkpoint or tokenizer directory")
     if model_type is None and (path / "config.json").is_file():
         raw = read_config_json(path)
         model_type = text_model_type(raw)
         pad_token = pad_token or raw.get("pad_token")
     kwargs = {"config": AutoConfig.for_model(model_type)} if model_type else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} holds no loadable tokenizer ({str(exc).splitlines()[0]})") from None
     if pad_token:

@@ -30,12 +30,13 @@ class PreparedImage:
     key: str  # blake2b of the pixels and their shape
 
 
-def prepare_image(image, config: PreprocessConfig) -> PreparedImage:
-    """Preprocess one image (raises TinyLlavaError for a missing or unreadable one)."""
+def prepare_image(image, config: PreprocessConfig, allow_truncated: bool = False) -> PreparedImage:
+    """Preprocess one image (raises TinyLlavaError for a missing or unreadable one, and for a
+    truncated one unless `allow_truncated`: tinyllava_edge/data/images.py)."""
     if not isinstance(image, (str, os.PathLike, Image.Image, np.ndarray)):
         raise TinyLlavaError(f"an image must be a path, a PIL image or a numpy array (H, W, 3) uint8, got "
                              f"{type(image).__name__}")
-    pixels = preprocess(image, config)[0]
+    pixels = preprocess(image, config, allow_truncated=allow_truncated)[0]
     digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
     digest.update(repr(pixels.shape).encode())
     return PreparedImage(pixels, digest.hexdigest())

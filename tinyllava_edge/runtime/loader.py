@@ -6,9 +6,11 @@
   the ``torch`` backend.
 
 `options` are the backend's (see EdgeBackend / TorchBackend) plus the VLM's own:
-`image_cache_size` (embeddings of recent images kept, default 32; 0 turns the cache off) and
-`vision_batch_size` (images per encoder run in `generate_batch`, default 8). An unknown option
-raises, naming the known ones.
+`image_cache_size` (embeddings of recent images kept, default 32; 0 turns the cache off),
+`vision_batch_size` (images per encoder run in `generate_batch`, default 8) and
+`allow_truncated_images` (default False: a truncated image file is refused with one sentence;
+True decodes what it holds, the rest left blank, as tinyllava_edge/data/images.py says). An
+unknown option raises, naming the known ones.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.runtime.backend import BACKENDS
 from tinyllava_edge.runtime.vlm import VLM
 
-VLM_OPTIONS = ("image_cache_size", "vision_batch_size")
+VLM_OPTIONS = ("image_cache_size", "vision_batch_size", "allow_truncated_images")
 CONFIG = "config.json"
 
 

@@ -66,13 +66,16 @@ class VLM:
     """A loaded model: `generate`, `stream`, `chat`, `generate_batch`; `last_stats` after each call."""
 
     def __init__(self, backend: Backend, *, image_cache_size: int = DEFAULT_CACHE_SIZE,
-                 vision_batch_size: int = DEFAULT_VISION_BATCH):
+                 vision_batch_size: int = DEFAULT_VISION_BATCH, allow_truncated_images: bool = False):
         if isinstance(image_cache_size, bool) or not isinstance(image_cache_size, int) or image_cache_size < 0:
             raise TinyLlavaError(f"image_cache_size must be an integer >= 0 (0: no cache), got {image_cache_size!r}")
         if isinstance(vision_batch_size, bool) or not isinstance(vision_batch_size, int) or vision_batch_size < 1:
             raise TinyLlavaError(f"vision_batch_size must be an integer >= 1, got {vision_batch_size!r}")
+        if not isinstance(allow_truncated_images, bool):
+            raise TinyLlavaError(f"allow_truncated_images must be True or False, got {allow_truncated_images!r}")
         self.backend = backend
         self.template = backend.template
+        self.allow_truncated_images = allow_truncated_images  # the policy of data/images.py
         self.image_cache = ImageCache(image_cache_size)
         self.vision_batch_size = vision_batch_size
         self.encoder_calls = 0  # vision encoder runs (a batch is one)
@@ -99,7 +102,8 @@ class VLM:
         return self.backend.n_ctx
 
     def info(self) -> dict:
-        return {**self.backend.info(), "image_cache_size": self.image_cache.capacity}
+        return {**self.backend.info(), "image_cache_size": self.image_cache.capacity,
+                "allow_truncated_images": self.allow_truncated_images}
 
     def close(self) -> None:
         self.backend.close()
@@ -118,7 +122,7 @@ class VLM:
         With `stats` (one per image), each gets its share of the time and whether it was cached.
         """
         started = time.perf_counter()
-        prepared = [prepare_image(image, self.backend.preprocess) for image in images]
+        prepared = [prepare_image(image, self.backend.preprocess, self.allow_truncated_images) for image in images]
         prep_ms = (time.perf_counter() - started) * 1e3 / max(1, len(prepared))
         found: dict[str, np.ndarray] = {}
         hits: set[str] = set()

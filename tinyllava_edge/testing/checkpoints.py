@@ -16,8 +16,9 @@ from typing import Any, Mapping
 
 import torch
 
+from tinyllava_edge.atomic import atomic_file, write_text
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, _tied_names
+from tinyllava_edge.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _tied_names
 from tinyllava_edge.model.configuration import TinyLlavaConfig
 from tinyllava_edge.model.modeling import TinyLlavaForConditionalGeneration
 
@@ -216,8 +217,9 @@ def write_layout(model: TinyLlavaForConditionalGeneration, out_dir: str | Path, 
         raw, tensors = _hf_llava(config, state, image_token_id)
     from safetensors.torch import save_file
 
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(raw, indent=2), encoding="utf-8"))
+    with atomic_file(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(out / CONFIG_NAME, json.dumps(raw, indent=2))
     return out
 
 

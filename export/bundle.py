@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +33,12 @@ from tinyllava_edge.atomic import replace_folder, staged_folder
 from tinyllava_edge.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
-    check_destination,
     file_record,
-    source_record,
     write_manifest,
 )
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.progress import Steps
 from tinyllava_edge.registry import Registry
+from tinyllava_edge.staging import Steps, check_bundle_destination, source_record, tool_versions
 
 FORMATS = ("gguf", "onnx")
 DEFAULT_FORMAT = "gguf"
@@ -109,15 +105,15 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         raise TinyLlavaError(f"check_images must be at least 1 when verifying, got {check_images}")
     source = Path(checkpoint_dir)
     final = Path(out_dir)
-    check_destination(final, overwrite)
+    check_bundle_destination(final, overwrite)
     with_fp16 = onnx_fp16 or (fmt == "onnx" and bits == 16)
     gguf = fmt == "gguf"
     steps = Steps(2 + with_fp16 + (2 + mmproj if gguf else 0) + (verify and gguf) + 1, progress)
     started = time.perf_counter()
 
-    _check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
+    check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
     steps.start(f"loading checkpoint {source}")
-    model, tokenizer, layout = _load(source)
+    model, tokenizer, layout = load_checkpoint_for_export(source)
     with staged_folder(final) as staging:
         manifest = _write_parts(model, tokenizer, staging, steps, precision, gguf=gguf, with_fp16=with_fp16,
                                 mmproj=mmproj, verify=verify, progress=progress, check_images=check_images,
@@ -130,7 +126,7 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
             "bits": bits,
             "source": source_record(source, layout),
             **manifest,
-            "tools": _tool_versions(),
+            "tools": tool_versions(_TOOLS),
         }
         write_manifest(staging, manifest)
         replace_folder(staging, final)
@@ -140,7 +136,8 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 # -- the parts ------------------------------------------------------------------------------------
 
-def _check_source(source: Path, gguf: bool) -> None:
+def check_source(source: Path, gguf: bool) -> None:
+    """Fail before any work on a wrong path, a GPTQ checkpoint or an LLM family the format cannot take."""
     from tinyllava_edge.model.checkpoint import detect_layout, read_config_json
     from tinyllava_edge.model.gptq import gptq_llm_dir
     from tinyllava_edge.model.llm import family_for
@@ -160,7 +157,8 @@ def _check_source(source: Path, gguf: bool) -> None:
             arch_for(family)
 
 
-def _load(source: Path):
+def load_checkpoint_for_export(source: Path):
+    """(model, tokenizer, layout) of a checkpoint directory of any layout."""
     from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer
 
     model = TinyLlavaForConditionalGeneration.from_pretrained(source)
@@ -382,15 +380,7 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+# -- records ----------------------------------------------------------------------------------------
+
 _TOOLS = ("tinyllava-edge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "gguf", "llama_cpp_python",
           "numpy")
-
-
-def _tool_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in _TOOLS:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions

@@ -32,19 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from tinyllava_edge.atomic import replace_folder, staged_folder
-from tinyllava_edge.bundle import (
-    MANIFEST_NAME,
-    check_destination,
-    file_record,
-    files_by_role,
-    read_manifest,
-    write_manifest,
-)
+from tinyllava_edge.bundle import MANIFEST_NAME, file_record, files_by_role, read_manifest, write_manifest
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.progress import Steps
 from tinyllava_edge.quant.gguf import gguf_type, quantize_gguf
 from tinyllava_edge.quant.onnx import ONNX_SCHEMES
 from tinyllava_edge.quant.precisions import preset_for
+from tinyllava_edge.staging import Steps, check_bundle_destination
 
 DEFAULT_QUANT = "Q4_K_M"
 CHECK_PROMPTS = 4  # synthetic image prompts the fidelity check decodes
@@ -85,7 +78,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                              "(requantizing compounds the rounding)")
     if source.resolve() == final.resolve():
         raise TinyLlavaError(f"the output {final} is the source bundle; write the quantized bundle elsewhere")
-    check_destination(final, overwrite)
+    check_bundle_destination(final, overwrite)
     mm = files_by_role(manifest, "mmproj")
     redo_mmproj = mmproj is not None and bool(mm) and mm[0]["quant"] in ("F16", "F32")
     steps = Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
@@ -197,7 +190,7 @@ def export_quantized(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
         raise TinyLlavaError(f"{bits}-bit bundles quantize the LLM GGUF, which a {fmt!r} bundle does not hold; "
                              "export the ONNX bundle with --bits 32 or 16")
     final = Path(out_dir)
-    check_destination(final, overwrite)  # before the long export
+    check_bundle_destination(final, overwrite)  # before the long export
     # a scratch folder beside the destination, never moved into place: removed when the block ends
     with staged_folder(final) as scratch:
         exported = export_bundle(checkpoint_dir, scratch / "bundle", fmt=fmt, bits=16, verify=verify,

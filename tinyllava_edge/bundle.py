@@ -29,12 +29,12 @@ order):
 :func:`read_manifest` refuses a bundle whose files were changed or lost, or whose parts disagree
 (image-embedding width, image-token count, image size), with one sentence naming both values.
 
-Writing one: :func:`check_destination` first (it refuses to replace anything but a previous
-bundle); then a stage assembles the bundle in a staging folder beside the destination
-(`tinyllava_edge.atomic.staged_folder`), records each file with :func:`file_record`, writes the
-manifest with :func:`write_manifest`, and renames the folder into place
-(`tinyllava_edge.atomic.replace_folder`), so an interrupted or failed run leaves nothing at the
-destination. :func:`source_record` hashes the checkpoint a bundle came from.
+Writing one: `tinyllava_edge.staging.check_destination` first (with :func:`is_bundle`, it refuses
+to replace anything but a previous bundle); then a stage assembles the bundle in a staging folder
+beside the destination (`tinyllava_edge.atomic.staged_folder`), records each file with
+:func:`file_record`, writes the manifest with :func:`write_manifest`, and renames the folder into
+place (`tinyllava_edge.atomic.replace_folder`), so an interrupted or failed run leaves nothing at
+the destination. `tinyllava_edge.staging.source_record` hashes the checkpoint it came from.
 
 No torch (or any model library) here: the edge runtime reads bundles with the standard library.
 docs/architecture.md places this module among the stages.
@@ -181,41 +181,3 @@ def _as_list(value: Any) -> list:
 def files_by_role(manifest: Mapping[str, Any], role: str) -> list[dict]:
     """The `files` entries of one role (e.g. "vision", "llm", "mmproj"), in manifest order."""
     return [f for f in manifest["files"] if f.get("role") == role]
-
-
-# -- writing a bundle: the destination check, the source record --------------------------------------
-
-def check_destination(final: Path, overwrite: bool) -> None:
-    """Before any work: one sentence when `final` cannot receive a bundle (a file, an unwritable
-    parent, a non-empty folder without `overwrite`, or one that holds something else than a bundle)."""
-    if final.is_file() or (final.exists() and not final.is_dir()):
-        raise TinyLlavaError(f"output path {final} is a file; expected a directory for the bundle")
-    parent = final.parent
-    for above in (parent, *parent.parents):
-        if above.exists():
-            if not above.is_dir():
-                raise TinyLlavaError(f"cannot create the bundle directory {final}: {above} is a file")
-            if not os.access(above, os.W_OK | os.X_OK):
-                raise TinyLlavaError(f"cannot write the bundle {final}: {above} is not writable")
-            break
-    if final.is_dir() and any(final.iterdir()):
-        if not overwrite:
-            raise TinyLlavaError(f"output directory {final} is not empty; pass overwrite=True (--overwrite) to "
-                                 "replace a previous bundle")
-        if not is_bundle(final):
-            raise TinyLlavaError(f"output directory {final} is not empty and holds no bundle {MANIFEST_NAME}; "
-                                 "refusing to replace it")
-
-
-def source_record(source: Path, layout: str) -> dict:
-    """The checkpoint's path, layout and the sha256 of its config and weights files."""
-    names = ["config.json"]
-    index = source / "model.safetensors.index.json"
-    if (source / "model.safetensors").is_file():
-        names.append("model.safetensors")
-    elif index.is_file():
-        names.append(index.name)
-        names += sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    files = [{"name": n, "size": (source / n).stat().st_size, "sha256": sha256_file(source / n)} for n in names]
-    combined = hashlib.sha256("".join(f"{f['name']}:{f['sha256']}\n" for f in files[1:]).encode()).hexdigest()
-    return {"path": str(source.resolve()), "layout": layout, "sha256": combined, "files": files}

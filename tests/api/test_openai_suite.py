@@ -71,7 +71,8 @@ def assert_error_shape(resp: httpx.Response, status: int) -> dict:
 def test_models_lists_the_served_model(client, target):
     ids = [m.id for m in client.models.list().data]
     assert target.model in ids
-    assert client.models.retrieve(target.model).id == target.model
+    if target.ours:  # vLLM 0.32 has no GET /v1/models/{id}
+        assert client.models.retrieve(target.model).id == target.model
 
 
 def test_chat_completion_with_an_image(client, target, shapes):
@@ -317,13 +318,20 @@ def test_bad_input_corpus_then_a_normal_answer(client, target, shapes):
             continue
         kwargs = dict(kwargs)
         body = kwargs.pop("body")
+        resp = post(target, body, **kwargs)
         try:
-            error = assert_error_shape(post(target, body, **kwargs), status)
+            if not target.ours:
+                # another server must agree on the status; the error object's shape and its one-line
+                # message are tinyllava-serve's (vLLM 0.32 answers a malformed body with pydantic's
+                # multi-line message, an unknown route or method with FastAPI's {"detail": ...})
+                assert resp.status_code == status, (resp.status_code, resp.text[:500])
+                continue
+            error = assert_error_shape(resp, status)
         except AssertionError as err:
             problems.append(f"{name}: {err}")
             continue
         if status == 401:
-            assert error["code"] == "invalid_api_key" or not target.ours
+            assert error["code"] == "invalid_api_key"
     assert not problems, "\n".join(problems)
     out = ask(client, target, [user(shapes[0][1], data_uri(shapes[0][0]))])
     assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens >= 1

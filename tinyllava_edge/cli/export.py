@@ -1,8 +1,9 @@
-"""``tinyllava-export``: a checkpoint -> an edge bundle (vision ONNX, LLM GGUF, mmproj, manifest.json).
+"""``tinyllava-export``: a checkpoint -> an edge bundle (vision ONNX, LLM GGUF, mmproj, manifest.json),
+or with ``--format hf`` a transformers LLaVA folder for serving engines (vLLM).
 
-A thin layer over :func:`tinyllava_edge.export.export_bundle` (16 and 32 bits) and, for the
-quantized widths, :func:`tinyllava_edge.quant.bundle.export_quantized` (the 16-bit bundle, then
-quantized); their defaults are the library's.
+A thin layer over :func:`tinyllava_edge.export.export_bundle` (16 and 32 bits),
+:func:`tinyllava_edge.quant.bundle.export_quantized` (8 and 4 bits: the 16-bit bundle, then
+quantized) and :func:`tinyllava_edge.export.hf_llava.export_hf`; their defaults are the library's.
 """
 
 from __future__ import annotations
@@ -26,22 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_FORMAT,
         FORMATS,
     )
+    from tinyllava_edge.export.hf_llava import HF_FORMAT
     from tinyllava_edge.quant.precisions import BITS as QUANT_BITS
 
     parser = ArgumentParser(
         prog="tinyllava-export",
         description="Export a TinyLLaVA checkpoint (Factory, legacy TinyLLaVABench or HF LLaVA layout) as an edge "
-                    "bundle: vision.onnx, llm-<TYPE>.gguf, mmproj-<TYPE>.gguf (stock llama.cpp) and manifest.json. "
+                    "bundle: vision.onnx, llm-<TYPE>.gguf, mmproj-<TYPE>.gguf (stock llama.cpp) and manifest.json; "
+                    "or, with --format hf, as a transformers LlavaForConditionalGeneration folder that vLLM serves. "
                     "Every part is checked against PyTorch unless --no-verify.",
     )
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
-    parser.add_argument("--out", required=True, type=Path, help="bundle directory to create")
-    parser.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
-                        help="gguf: vision ONNX + LLM GGUF + mmproj; onnx: the vision ONNX alone (%(default)s)")
-    parser.add_argument("--bits", type=int, choices=sorted(BITS + QUANT_BITS), default=DEFAULT_BITS,
+    parser.add_argument("--out", required=True, type=Path, help="bundle (or HF folder) directory to create")
+    parser.add_argument("--format", choices=(*FORMATS, HF_FORMAT), default=DEFAULT_FORMAT,
+                        help="gguf: vision ONNX + LLM GGUF + mmproj; onnx: the vision ONNX alone; hf: an fp32 "
+                             "LlavaForConditionalGeneration folder for transformers and vLLM (%(default)s)")
+    # None: not given (the bundle default; an HF folder is always fp32, engines cast on load)
+    parser.add_argument("--bits", type=int, choices=sorted(BITS + QUANT_BITS), default=None,
                         help="16: F16 GGUF files; 32: F32; 8: Q8_0 LLM + Q8_0 mmproj + int8 vision graph; 4: Q4_K_M "
                              "LLM + Q8_0 mmproj + int8/int4 vision graphs (8 and 4: the 16-bit bundle, then "
-                             "quantized as tinyllava-quantize --bits does) (%(default)s)")
+                             f"quantized as tinyllava-quantize --bits does) ({DEFAULT_BITS})")
     parser.add_argument("--no-verify", action="store_true", help="skip the checks against PyTorch")
     parser.add_argument("--no-mmproj", action="store_true", help="do not write the stock-llama.cpp mmproj")
     parser.add_argument("--onnx-fp16", action="store_true", help="also write vision-fp16.onnx")
@@ -55,18 +60,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tinyllava_edge.export.bundle import PRECISIONS
+    from tinyllava_edge.errors import TinyLlavaError
+    from tinyllava_edge.export.bundle import DEFAULT_BITS, PRECISIONS
+    from tinyllava_edge.export.hf_llava import HF_FORMAT, export_hf
 
+    if args.format == HF_FORMAT:
+        unused = [flag for flag, given in (("--bits", args.bits not in (None, 32)), ("--no-mmproj", args.no_mmproj),
+                                           ("--onnx-fp16", args.onnx_fp16)) if given]
+        if unused:
+            raise TinyLlavaError(f"{', '.join(unused)} apply to edge bundles; --format hf writes fp32 weights "
+                                 "(engines cast them on load, e.g. vllm serve --dtype bfloat16)")
+        return export_hf(args.model, args.out, verify=not args.no_verify, progress=not args.quiet,
+                         overwrite=args.overwrite, check_images=args.check_images, check_tokens=args.check_tokens)
+    bits = DEFAULT_BITS if args.bits is None else args.bits
     options = dict(fmt=args.format, mmproj=not args.no_mmproj, verify=not args.no_verify, progress=not args.quiet,
                    onnx_fp16=args.onnx_fp16, overwrite=args.overwrite, check_images=args.check_images,
                    check_tokens=args.check_tokens)
-    if str(args.bits) in PRECISIONS:
+    if str(bits) in PRECISIONS:
         from tinyllava_edge.export import export_bundle
 
-        return export_bundle(args.model, args.out, bits=args.bits, **options)
+        return export_bundle(args.model, args.out, bits=bits, **options)
     from tinyllava_edge.quant.bundle import export_quantized
 
-    return export_quantized(args.model, args.out, args.bits, **options)
+    return export_quantized(args.model, args.out, bits, **options)
+
+
+def hf_summary_lines(result: dict) -> list[str]:
+    """What the HF LLaVA folder holds, with sizes, then the fidelity against transformers' LLaVA."""
+    record = result["record"]
+    lines = [f"HF LLaVA folder {result['path']} written in {result['seconds']:.1f} s "
+             f"({record['model']['llm_family']} + {record['model']['vision_tower']}, "
+             f"{record['model']['image_tokens']} image tokens)"]
+    lines += [f"  {f['name']:28s} {human_size(f['size']):>10s}" for f in record["files"]]
+    v = record["validation"]
+    if not v.get("enabled"):
+        lines.append("fidelity: not measured (--no-verify)")
+        return lines
+    t = v["transformers_llava"]
+    lines.append(f"fidelity against PyTorch (transformers' LlavaForConditionalGeneration + AutoProcessor from the "
+                 f"folder): logits max abs diff {t['logits_max_abs_diff']:.2g} (fp32); greedy tokens identical on "
+                 f"{t['greedy_identical']}/{t['prompts']} image prompts x {t['new_tokens']} tokens; token ids "
+                 f"identical on {t['ids_identical']}/{t['prompts']}")
+    return lines
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -123,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args)
     except USER_ERRORS as err:
         return fail(err)
-    print("\n".join(summary_lines(result)))
+    print("\n".join(hf_summary_lines(result) if "record" in result else summary_lines(result)))
     return 0
 
 

@@ -331,7 +331,11 @@ def _hf_llava_config(raw: Mapping[str, Any], path: Path) -> TinyLlavaConfig:
         vision_model_name_or_path=vision.get("_name_or_path", ""),
         vision_feature_layer=raw.get("vision_feature_layer", -2),
         vision_feature_select_strategy=strategies[strategy],
-        image_aspect_ratio="pad",
+        # LLaVA-1.5 padded to a square; a folder written by `tinyllava-export --format hf` records
+        # the model's own aspect and length (export/hf_llava.py)
+        image_aspect_ratio=raw.get("image_aspect_ratio", "pad"),
+        tokenizer_model_max_length=raw.get("tokenizer_model_max_length", 2048),
+        scale_image_features=False,  # transformers 5's and vLLM's LLaVA add image rows unscaled
         pad_token_id=raw.get("pad_token_id"),
     )
 

@@ -53,6 +53,10 @@ class TinyLlavaConfig(PreTrainedConfig):
     vision_feature_layer: int | list[int] = -2
     vision_feature_select_strategy: str = "patch"
     image_aspect_ratio: str = "square"
+    # Whether image rows get the LLM's input-embedding scale (Gemma's sqrt(hidden)). None: the
+    # family's rule (model/llm.py), what the Factory trained with; False: never, as transformers 5's
+    # and vLLM's LLaVA add them (set when reading the HF LLaVA layout).
+    scale_image_features: bool | None = None
 
     resampler_hidden_size: int | None = None
     num_queries: int | None = None

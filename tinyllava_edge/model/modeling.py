@@ -94,7 +94,7 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
         """The factor image rows get in `inputs_embeds` (the LLM's own input-embedding scale, Gemma)."""
         from tinyllava_edge.model.llm import family_for
 
-        if not family_for(self.config.llm_family).scale_image_features:
+        if self.config.scale_image_features is False or not family_for(self.config.llm_family).scale_image_features:
             return 1.0
         return float(getattr(self.get_input_embeddings(), "scalar_embed_scale", 1.0))
 

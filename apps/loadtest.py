@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .demo import ANSWERED
+from tinyllava_edge.apps.demo import ANSWERED
 
 
 @dataclass

@@ -17,9 +17,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli.common import human_size
-from ..errors import TinyLlavaError
-from ..runtime.loader import CONFIG, MANIFEST, backend_kind
+from tinyllava_edge.bundle import MANIFEST_NAME
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.runtime.loader import CONFIG, backend_kind
+from tinyllava_edge.sizes import human_size
 
 DEFAULT_WORKDIR = Path("runs/tiny-shapes")
 DEFAULT_BUNDLE = DEFAULT_WORKDIR / "bundle"
@@ -39,7 +40,7 @@ class Variant:
 
 
 def _is_model_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / MANIFEST).is_file() or (path / CONFIG).is_file())
+    return path.is_dir() and ((path / MANIFEST_NAME).is_file() or (path / CONFIG).is_file())
 
 
 def _children(folder: Path) -> list[Variant]:
@@ -63,8 +64,8 @@ def discover(model: str | Path | None, default_bundle: Path = DEFAULT_BUNDLE) ->
         found = _children(path)
         if found:
             return found
-        raise TinyLlavaError(f"{path} is neither a bundle (no {MANIFEST}) nor a checkpoint (no {CONFIG}), and none of "
-                             "its subdirectories is one")
+        raise TinyLlavaError(f"{path} is neither a bundle (no {MANIFEST_NAME}) nor a checkpoint (no {CONFIG}), and "
+                             "none of its subdirectories is one")
     backend_kind(path)  # raises the runtime's sentence: missing, or a file
     raise AssertionError("unreachable: backend_kind accepts only directories")
 
@@ -72,7 +73,7 @@ def discover(model: str | Path | None, default_bundle: Path = DEFAULT_BUNDLE) ->
 def disk_size(path: Path) -> int:
     """Bytes of the files a variant loads: a bundle's listed files, a checkpoint's top-level files
     (trainer sub-checkpoints such as checkpoint-1200/ are not part of the model)."""
-    manifest = path / MANIFEST
+    manifest = path / MANIFEST_NAME
     if manifest.is_file():
         files = json.loads(manifest.read_text()).get("files", [])
         return sum(int(f.get("size", 0)) for f in files) + manifest.stat().st_size
@@ -85,11 +86,30 @@ def _figure(value) -> str:
     return str(value)
 
 
+def _quantization_lines(quantization: dict, manifest: dict) -> list[str]:
+    """What the quant stage did to a bundle, and how close it stayed to its source (the manifest's record)."""
+    llm = quantization.get("llm", {})
+    lines = [f"**Quantized** from a bundle made {quantization.get('source_created', '?')}: LLM {llm.get('from', '?')} "
+             f"-> {llm.get('type', '?')}"
+             + (f", mmproj -> {quantization['mmproj'].get('type')}" if isinstance(quantization.get("mmproj"), dict)
+                else "")
+             + (f", vision graph by default: {manifest['vision_default']}" if manifest.get("vision_default") else "")]
+    fidelity = llm.get("fidelity")
+    if isinstance(fidelity, dict):
+        shown = ", ".join(f"{k} {_figure(v)}" for k, v in fidelity.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool))
+        lines.append(f"- LLM against its source: {shown}")
+    for scheme, figures in (quantization.get("vision") or {}).items():
+        if isinstance(figures, dict) and "mean_token_cosine" in figures:
+            lines.append(f"- vision {scheme} against fp32: mean token cosine {_figure(figures['mean_token_cosine'])}")
+    return lines
+
+
 def model_card(variant: Variant) -> str:
     """Markdown: what the variant is, its files, and the fidelity measured at export (or the config)."""
     lines = [f"### {variant.name}", f"`{variant.path}` · {human_size(disk_size(variant.path))} on disk"]
     if variant.kind == "edge":
-        manifest = json.loads((variant.path / MANIFEST).read_text())
+        manifest = json.loads((variant.path / MANIFEST_NAME).read_text())
         model = manifest.get("model", {})
         lines += ["", f"**Bundle** format {manifest.get('format', '?')}, {manifest.get('bits', '?')}-bit, "
                       f"created {manifest.get('created', '?')}",
@@ -99,8 +119,12 @@ def model_card(variant: Variant) -> str:
                   "", "| file | role | quant | size |", "|---|---|---|---|"]
         lines += [f"| {f.get('name')} | {f.get('role', '')} | {f.get('quant', '')} | {human_size(f.get('size', 0))} |"
                   for f in manifest.get("files", [])]
+        quantization = manifest.get("quantization")
+        if isinstance(quantization, dict):
+            lines += ["", *_quantization_lines(quantization, manifest)]
         validation = manifest.get("validation", {})
-        lines += ["", "**Fidelity against PyTorch (measured at export)**"]
+        at_export = "measured at export, on the bundle it was quantized from" if quantization else "measured at export"
+        lines += ["", f"**Fidelity against PyTorch ({at_export})**"]
         if not validation.get("enabled", bool(validation)):
             lines.append("not measured (exported without verification)")
         for part, figures in validation.items():

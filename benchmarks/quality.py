@@ -102,7 +102,7 @@ def figures(run: dict, ref: dict, questions: list[dict]) -> dict:
 def make_bundles(bundle: Path, work: Path, data: Path) -> dict[str, Path]:
     """The GGUF variants (each with every ONNX variant) from the 16-bit bundle."""
     from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
-    from tinyllava_edge.export.manifest import read_manifest
+    from tinyllava_edge.bundle import read_manifest
     from tinyllava_edge.quant.bundle import quantize_bundle
 
     pre = PreprocessConfig.from_dict(read_manifest(bundle)["preprocess"])
@@ -145,9 +145,9 @@ def main() -> int:
     import torch
 
     import tinyllava_edge
-    from tinyllava_edge.export.manifest import files_by_role, read_manifest
-    from tinyllava_edge.quant.precisions import VISION_CANDIDATES
-    from tinyllava_edge.quant.torch_bnb import serialized_size
+    from tinyllava_edge.bundle import files_by_role, read_manifest
+    from tinyllava_edge.model.bnb import serialized_size
+    from tinyllava_edge.quant.precisions import BIT_PRESETS
     from tinyllava_edge.quant.vision import VISION_MIN_COSINE
 
     torch.set_num_threads(1)
@@ -184,13 +184,13 @@ def main() -> int:
     by_name = {r["variant"]: r for r in results}
     fp32_acc = by_name["GGUF F16 + ONNX fp32"]["accuracy"]
     rule = {}
-    for bits, candidates in VISION_CANDIDATES.items():
+    for bits, candidates in ((int(k), BIT_PRESETS.get(k).vision) for k in BIT_PRESETS.keys()):
         ok = [s for s in candidates if by_name[f"GGUF F16 + ONNX {s}"]["accuracy"] >= fp32_acc - 0.5]
         sizes = {s: by_name[f"GGUF F16 + ONNX {s}"]["size_bytes"] for s in ok}
         rule[str(bits)] = min(sizes, key=sizes.get) if ok else "fp32"
     from tinyllava_edge.quant.bundle import quantize_bundle
 
-    for bits, quant in ((8, "Q8_0"), (4, "Q4_K_M")):
+    for bits, quant in ((int(k), BIT_PRESETS.get(k).llm) for k in reversed(BIT_PRESETS.keys())):
         combo = args.work / f"bits{bits}"
         if not (combo / "manifest.json").is_file():
             onnx = (rule[str(bits)],) if rule[str(bits)] != "fp32" else ()

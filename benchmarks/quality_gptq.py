@@ -62,7 +62,7 @@ def main() -> int:
     import torch
 
     import tinyllava_edge
-    from tinyllava_edge.quant.torch_bnb import serialized_size
+    from tinyllava_edge.model.bnb import serialized_size
 
     torch.set_num_threads(1)
     questions = subset(args.data, args.n)

@@ -1,14 +1,17 @@
-"""`export_bundle`: a checkpoint -> the edge bundle (vision ONNX, LLM GGUF, mmproj, manifest.json).
+"""`export_bundle`: a checkpoint -> the 16- or 32-bit edge bundle (vision ONNX, LLM GGUF, mmproj,
+manifest.json).
 
     export_bundle("runs/model", "bundles/model")             # gguf, 16-bit, checked against torch
 
 The bundle is written into a temporary directory beside `out_dir` and renamed into place only
-when every file is written and every check passed, so an interrupted or failed export leaves
-nothing at `out_dir` (and no temporary directory either, unless the process is killed).
+when every file is written and every check passed (`tinyllava_edge.bundle`: the format and the
+manifest; `tinyllava_edge.atomic`: staging and the rename), so an interrupted or failed export
+leaves nothing at `out_dir` (and no temporary directory either, unless the process is killed).
 
-Bit widths are a registry (`PRECISIONS`, exact keys): 16 and 32 are written here; the
-quantization stage (`quant/`) registers 8 and 4 with :func:`register_precision`, giving a
-`finish` step that turns the written F16 GGUF into its quantized type.
+Bit widths are a registry (`PRECISIONS`, exact keys): 16 and 32, what the GGUF writers produce.
+Quantized bundles (8, 4 bits) are the quantization stage's: it turns a 16-bit bundle into one
+(`tinyllava_edge.quant.bundle`), and `export_quantized` there runs both steps for
+`tinyllava-export --bits 4`. The data flows one way: export never calls into quant.
 
 Nothing heavy is imported at module level: `tinyllava-export --help` stays fast.
 """
@@ -19,94 +22,64 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 from tinyllava_edge.atomic import replace_folder, staged_folder
-from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.registry import Registry
-
-from tinyllava_edge.export.manifest import (
+from tinyllava_edge.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     file_record,
-    is_bundle,
     write_manifest,
 )
-from tinyllava_edge.export.staging import (
-    Steps,
-    check_destination,
-    source_record,
-    tool_versions,
-)
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
+from tinyllava_edge.staging import Steps, check_bundle_destination, source_record, tool_versions
 
 FORMATS = ("gguf", "onnx")
-BITS = (4, 8, 16, 32)  # what the command offers; 4 and 8 need the quant stage
 DEFAULT_FORMAT = "gguf"
 DEFAULT_BITS = 16
 DEFAULT_CHECK_IMAGES = 3  # image prompts the LLM check runs
 DEFAULT_CHECK_TOKENS = 8  # greedy tokens generated per prompt
 # ONNX fp32 vs torch: max |diff| <= this * max(1, max |reference|) (measured ~3e-7 on the miniatures).
 ONNX_FP32_TOL = 1e-4
-_PENDING_BITS = {4: "Q4_K_M", 8: "Q8_0"}
 
 
 @dataclass(frozen=True)
 class Precision:
     """How one bit width is written and checked.
 
-    `llm_ftype` / `mmproj_ftype` are what the GGUF writers produce; `gguf_type` names the final
-    files (`llm-<gguf_type>.gguf`). `finish(written, final) -> dict`, given by the quant stage,
-    turns the written GGUF into `gguf_type` (None: the written file is final). The LLM check
-    requires relative logit differences (max |diff| / max(1, max |torch logit|)) within
-    `logits_tol`, and with `exact_greedy` identical greedy tokens (up to rounding ties).
-    `mmproj_finish(written, final)` turns the written mmproj into `mmproj_type`;
-    `vision_variants(folder, vision_fp32_record, model) -> {"files": [file records],
-    "vision_default": quant, "validation": {...}}` adds quantized vision graphs beside
-    vision.onnx and names the one the runtime runs by default (manifest `vision_default`).
+    `ftype` is what the GGUF writers produce for the LLM and the mmproj; `gguf_type` names the
+    files (`llm-<gguf_type>.gguf`). The LLM check requires relative logit differences
+    (max |diff| / max(1, max |torch logit|)) within `logits_tol`, and with `exact_greedy`
+    identical greedy tokens (up to rounding ties).
     """
 
     bits: int
     gguf_type: str
-    llm_ftype: str
-    mmproj_ftype: str
+    ftype: str
     logits_tol: float
     exact_greedy: bool
-    finish: Callable[[Path, Path], dict] | None = None
-    mmproj_type: str | None = None  # None: the written type (mmproj_ftype)
-    mmproj_finish: Callable[[Path, Path], dict] | None = None
-    vision_variants: Callable[[Path, dict, Any], dict] | None = None
 
 
 PRECISIONS: Registry[Precision] = Registry("bundle bit width")
 # Measured on the miniatures with an image (1 thread, F32 KV cache): F32 <= 5e-4 relative (the
 # GELU families; ggml's GELU reads an F16 table), SiLU families ~7e-7; F16 files <= 1e-3.
-PRECISIONS.add("32", Precision(32, "F32", "f32", "f32", logits_tol=5e-3, exact_greedy=True))
-PRECISIONS.add("16", Precision(16, "F16", "f16", "f16", logits_tol=2e-2, exact_greedy=False))
-
-
-def register_precision(precision: Precision) -> None:
-    """For the quant stage: make `bits` exportable (a duplicate raises)."""
-    PRECISIONS.add(str(precision.bits), precision)
+PRECISIONS.add("32", Precision(32, "F32", "f32", logits_tol=5e-3, exact_greedy=True))
+PRECISIONS.add("16", Precision(16, "F16", "f16", logits_tol=2e-2, exact_greedy=False))
+BITS = tuple(int(key) for key in PRECISIONS.keys())  # the widths export writes itself
 
 
 def precision_for(bits: int) -> Precision:
-    if str(bits) not in PRECISIONS and bits in _PENDING_BITS:
-        # The quant stage registers its bit widths when imported (an explicit, named plugin).
-        try:
-            import_module("tinyllava_edge.quant")
-        except ImportError:
-            pass  # not installed: the sentence below says what is missing
-    if str(bits) not in PRECISIONS and bits in _PENDING_BITS:
-        raise TinyLlavaError(
-            f"{bits}-bit bundles ({_PENDING_BITS[bits]}) need the quantization stage (quant/), which is not built "
-            "yet; export with --bits 16 or 32 for now"
-        )
+    """The registered width `bits`; for any other one a sentence that says where quantized bundles come from."""
+    if str(bits) not in PRECISIONS:
+        raise TinyLlavaError(f"export_bundle writes bundles of {' or '.join(str(b) for b in BITS)} bits, not {bits}; "
+                             "quantized bundles are made from a 16-bit one by the quant stage "
+                             "(tinyllava_edge.quant.bundle.export_quantized, tinyllava-export --bits N)")
     return PRECISIONS.get(str(bits))
 
 
@@ -119,7 +92,7 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     `fmt` "gguf": vision.onnx + llm-<TYPE>.gguf + mmproj-<TYPE>.gguf (where stock llama.cpp can
     express the tower and connector; else recorded under `skipped`) + manifest.json. `fmt`
     "onnx": vision.onnx + manifest.json (with bits 16, vision-fp16.onnx too). `onnx_fp16` adds
-    vision-fp16.onnx to any bundle. `bits` 32 or 16 (4 and 8: the quant stage).
+    vision-fp16.onnx to any bundle. `bits` 32 or 16 (8 and 4: `quant.bundle.export_quantized`).
     `verify` (default) checks every part against PyTorch and raises TinyLlavaError naming the
     check and the figure when one fails; the figures go into the manifest either way.
     `check_images` image prompts, `check_tokens` greedy tokens each. An existing non-empty
@@ -128,19 +101,14 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if fmt not in FORMATS:
         raise TinyLlavaError(f"bundle format {fmt!r} is not supported; expected one of {', '.join(FORMATS)}")
     precision = precision_for(bits)
-    if fmt == "onnx" and precision.finish is not None:
-        raise TinyLlavaError(f"{bits}-bit ONNX bundles come from the quantization stage; export the ONNX bundle "
-                             "with --bits 32 or 16")
     if verify and check_images < 1:
         raise TinyLlavaError(f"check_images must be at least 1 when verifying, got {check_images}")
     source = Path(checkpoint_dir)
     final = Path(out_dir)
-    check_destination(final, overwrite, what="bundle", is_ours=is_bundle, record_name=MANIFEST_NAME)
+    check_bundle_destination(final, overwrite)
     with_fp16 = onnx_fp16 or (fmt == "onnx" and bits == 16)
     gguf = fmt == "gguf"
-    steps = Steps(2 + with_fp16 + (precision.vision_variants is not None)
-                   + (2 + mmproj + (precision.finish is not None) if gguf else 0)
-                   + (verify and gguf) + 1, progress)
+    steps = Steps(2 + with_fp16 + (2 + mmproj if gguf else 0) + (verify and gguf) + 1, progress)
     started = time.perf_counter()
 
     check_source(source, gguf)  # a wrong path or an unsupported family fails before any work
@@ -150,7 +118,7 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         manifest = _write_parts(model, tokenizer, staging, steps, precision, gguf=gguf, with_fp16=with_fp16,
                                 mmproj=mmproj, verify=verify, progress=progress, check_images=check_images,
                                 check_tokens=check_tokens)
-        steps.start("writing manifest.json")
+        steps.start(f"writing {MANIFEST_NAME}")
         manifest = {
             "format_version": FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -171,8 +139,8 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
 def check_source(source: Path, gguf: bool) -> None:
     """Fail before any work on a wrong path, a GPTQ checkpoint or an LLM family the format cannot take."""
     from tinyllava_edge.model.checkpoint import detect_layout, read_config_json
-    from tinyllava_edge.model.llm import family_for
     from tinyllava_edge.model.gptq import gptq_llm_dir
+    from tinyllava_edge.model.llm import family_for
     from tinyllava_edge.model.tokenizer import text_model_type
 
     raw = read_config_json(source)
@@ -200,9 +168,8 @@ def load_checkpoint_for_export(source: Path):
 def _write_parts(model, tokenizer, folder: Path, steps: Steps, precision: Precision, *, gguf: bool, with_fp16: bool,
                  mmproj: bool, verify: bool, progress: bool, check_images: int, check_tokens: int) -> dict:
     from tinyllava_edge.data.template import default_template_for_family, get_template
-    from tinyllava_edge.model.vision import tower_for_config
-
     from tinyllava_edge.export.onnx_vision import export_vision_onnx, preprocess_config
+    from tinyllava_edge.model.vision import tower_for_config
 
     config = model.config
     template = get_template(default_template_for_family(config.text_config.model_type))
@@ -216,13 +183,6 @@ def _write_parts(model, tokenizer, folder: Path, steps: Steps, precision: Precis
     files += _onnx_records(vision, "fp32")
     if verify:
         validation["vision_onnx"] = _check_onnx(vision["validation"])
-    vision_default = None
-    if precision.vision_variants is not None:
-        steps.start(f"quantized vision graphs for {precision.bits}-bit")
-        variants = precision.vision_variants(folder, files[0], model)
-        files += variants["files"]
-        vision_default = variants["vision_default"]
-        validation["vision_variants"] = variants["validation"]
     if with_fp16:
         steps.start("vision tower + connector -> vision-fp16.onnx")
         with _quiet_onnx_exporter():
@@ -237,17 +197,12 @@ def _write_parts(model, tokenizer, folder: Path, steps: Steps, precision: Precis
 
         steps.start(f"LLM + tokenizer -> llm-{precision.gguf_type}.gguf")
         llm_path = folder / f"llm-{precision.gguf_type}.gguf"
-        written = folder / f"llm-{precision.llm_ftype.upper()}.gguf" if precision.finish else llm_path
-        llm = write_llm_gguf(model, tokenizer, written, ftype=precision.llm_ftype, template=template.name,
+        llm = write_llm_gguf(model, tokenizer, llm_path, ftype=precision.ftype, template=template.name,
                              progress=progress)
-        # The probe reads how llama.cpp takes input embeddings, a property of the architecture, so it
-        # runs on the written 16/32-bit file: 4-bit rounding would blur the logits it compares.
+        # How llama.cpp takes input embeddings is a property of the architecture, measured once here
+        # on the 16/32-bit file and recorded; quantized bundles inherit the figure.
         steps.start("probing llama.cpp's input-embedding path")
-        probe = _probe(written, model, tokenizer, template)
-        if precision.finish is not None:
-            steps.start(f"{written.name} -> {llm_path.name} (quantization stage)")
-            precision.finish(written, llm_path)
-            written.unlink()
+        probe = _probe(llm_path, model, tokenizer, template)
         files.append(file_record(
             llm_path, "llm", "gguf", precision.gguf_type, architecture=llm["architecture"],
             n_embd=config.hidden_size, n_vocab=llm["n_vocab"], context_length=llm["context_length"],
@@ -269,9 +224,7 @@ def _write_parts(model, tokenizer, folder: Path, steps: Steps, precision: Precis
             validation.update(_verify_llm(model, tokenizer, template, folder, llm_path, files, precision,
                                           probe, check_images, check_tokens))
     vision_file = next(f for f in files if f["role"] == "vision" and f["quant"] == "fp32")
-    extra = {"vision_default": vision_default} if vision_default else {}
     return {
-        **extra,
         "model": {
             "llm_family": config.text_config.model_type,
             "llm_architecture": next((f["architecture"] for f in files if f["role"] == "llm"), None),
@@ -337,9 +290,8 @@ def _check_onnx(validation: dict) -> dict:
 
 
 def _probe(llm_path: Path, model, tokenizer, template) -> dict:
-    from tinyllava_edge.llamacpp import LlamaCppModel
-
     from tinyllava_edge.export.checks import probe_embd_scale
+    from tinyllava_edge.llamacpp import LlamaCppModel
 
     ids = list(tokenizer(template.render_prompt("What is in the picture?"))["input_ids"])
     with LlamaCppModel(llm_path, n_ctx=max(64, len(ids) + 8), n_threads=_threads(), kv_type="f32",
@@ -354,14 +306,9 @@ def _write_mmproj(model, folder: Path, precision: Precision) -> tuple[dict | Non
         plan_mmproj(model)
     except TinyLlavaError as err:  # a tower/connector stock llama.cpp cannot express: skipped, said why
         return None, str(err)
-    quant = precision.mmproj_type or precision.mmproj_ftype.upper()
-    path = folder / f"mmproj-{quant}.gguf"
-    written = folder / f"mmproj-{precision.mmproj_ftype.upper()}.gguf" if precision.mmproj_finish else path
-    report = write_mmproj_gguf(model, written, ftype=precision.mmproj_ftype)
-    if precision.mmproj_finish is not None:
-        precision.mmproj_finish(written, path)
-        written.unlink()
-    return file_record(path, "mmproj", "gguf", quant, projector_type="mlp",
+    path = folder / f"mmproj-{precision.gguf_type}.gguf"
+    report = write_mmproj_gguf(model, path, ftype=precision.ftype)
+    return file_record(path, "mmproj", "gguf", precision.gguf_type, projector_type="mlp",
                        tower=report["tower"], n_tokens=report["n_tokens_stock"],
                        n_tokens_model=report["n_tokens_model"],
                        hidden=report["hidden"], feature_layer=report["feature_layer"],
@@ -372,14 +319,13 @@ def _verify_llm(model, tokenizer, template, folder: Path, llm_path: Path, files:
                 probe: dict, check_images: int, check_tokens: int) -> dict:
     import onnxruntime as ort
 
-    from tinyllava_edge.llamacpp import LlamaCppModel
-
     from tinyllava_edge.export.checks import (
         compare_with_images,
         mmproj_figures,
         synthetic_images,
         tokenizer_parity,
     )
+    from tinyllava_edge.llamacpp import LlamaCppModel
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

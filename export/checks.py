@@ -219,8 +219,7 @@ def compare_with_images(model, tokenizer, template, llm: LlamaCppModel, encode_i
     import torch
 
     from tinyllava_edge.data.preprocess import preprocess
-
-    from .onnx_vision import preprocess_config
+    from tinyllava_edge.export.onnx_vision import preprocess_config
 
     pre = preprocess_config(model)
     adapter = LlamaCppTokenizer(llm, tokenizer)
@@ -282,7 +281,7 @@ def compare_with_images(model, tokenizer, template, llm: LlamaCppModel, encode_i
 
 def mmproj_figures(mmproj_path: Path, llm_path: Path, model, seed: int = 0) -> dict:
     """`measure_mmproj` on a square image at the tower's size (both preprocessings are then the identity)."""
-    from .validate import measure_mmproj
+    from tinyllava_edge.export.validate import measure_mmproj
 
     size = model.config.vision_config.image_size
     image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -50,10 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from tinyllava_edge.atomic import replace_folder, staged_folder
+from tinyllava_edge.bundle import FORMAT_VERSION, file_record, sha256_file
 from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.export.manifest import FORMAT_VERSION, file_record, sha256_file
-from tinyllava_edge.export.staging import Steps, check_destination, source_record, tool_versions
+from tinyllava_edge.staging import Steps, check_destination, source_record, tool_versions
 
 HF_FORMAT = "hf"
 RECORD_NAME = "tinyllava-export.json"

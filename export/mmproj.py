@@ -3,7 +3,7 @@
 Stock llama.cpp has no TinyLLaVA projector; the closest it runs is its llava graph
 (`general.architecture = "clip"`, `clip.projector_type = "mlp"`, tools/mtmd/models/llava.cpp in
 the llama.cpp that llama-cpp-python 0.3.36 vendors). What that graph can express decides what
-this writer accepts, and what it cannot express is reported, never hidden (DESIGN.md):
+this writer accepts, and what it cannot express is reported, never hidden (docs/architecture.md):
 
 * Towers: SigLIP and CLIP (ViT with learned position embeddings). DINOv2 (layer scale,
   interpolated positions) has no counterpart.

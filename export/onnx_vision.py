@@ -1,7 +1,7 @@
 """Vision tower + feature selection + connector -> one ONNX graph (`pixel_values` -> `image_embeds`).
 
 The graph is exported with `torch.onnx.export(..., dynamo=True)` (optimum has no LLaVA export
-and pins transformers < 4.58, DESIGN.md) from exactly what `encode_images` runs: the tower, the
+and pins transformers < 4.58, docs/architecture.md) from exactly what `encode_images` runs: the tower, the
 checkpoint's feature layer and select strategy (so the Factory's 728-token SigLIP quirk and the
 legacy layout's all-tokens SigLIP are kept), and the connector. The batch axis is dynamic.
 
@@ -34,7 +34,7 @@ from tinyllava_edge.errors import TinyLlavaError
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType({"fp32": torch.float32, "fp16": torch.float16})
 # A protobuf cannot exceed 2 GiB (onnx's own limit); stay clear of it and put weights beside it.
 _EXTERNAL_DATA_ABOVE = 1_800_000_000
-# Validation bounds. fp32: the dynamo export matches torch to ~2e-7 (DESIGN.md), so a relative
+# Validation bounds. fp32: the dynamo export matches torch to ~2e-7 (docs/architecture.md), so a relative
 # 1e-3 only trips on a real mismatch. fp16: rounding grows with depth; every token keeping a
 # cosine of 0.995 with the fp32 reference is what "still the same features" means here.
 _FP32_REL_TOL = 1e-3

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.preprocess import ImageInput, PreprocessConfig, load_image, preprocess
-from ..errors import TinyLlavaError
-from .onnx_vision import token_cosine
+from tinyllava_edge.data.preprocess import ImageInput, PreprocessConfig, load_image, preprocess
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.export.onnx_vision import token_cosine
 
 _LOG_LINES_KEPT = 40
 
@@ -34,7 +34,7 @@ def _captured_llama_logs() -> Iterator[list[str]]:
     """Route llama.cpp and mtmd logs into a list while inside; restore llama-cpp-python's after.
 
     The ctypes callback lives in a local that outlives every native call made inside the
-    block (a collected callback segfaults, DESIGN.md).
+    block (a collected callback segfaults, docs/architecture.md).
     """
     import llama_cpp
     from llama_cpp import _logger, mtmd_cpp

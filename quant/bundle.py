@@ -1,7 +1,12 @@
 """`quantize_bundle`: a 16/32-bit bundle -> a new bundle with its LLM GGUF (and optionally mmproj,
-vision graphs) quantized. What `tinyllava-quantize` runs.
+vision graphs) quantized. What `tinyllava-quantize` runs; `quantize_to_bits` applies one of the
+`--bits` presets (quant/precisions.py), and `export_quantized` composes export and quantization
+for `tinyllava-export --bits 4|8`: the checkpoint's 16-bit bundle into a scratch folder, then
+that bundle quantized to the destination. Data flows one way, export -> quant.
 
     quantize_bundle("bundles/tiny", "bundles/tiny-q4", quant="Q4_K_M", onnx=("int8", "int4"))
+    quantize_to_bits("bundles/tiny", "bundles/tiny-q4", 4)              # the --bits 4 preset
+    export_quantized("runs/model", "bundles/model-q4", 4)                # checkpoint -> 4-bit bundle
 
 The source bundle is read with `read_manifest` (hashes checked) and left untouched. The new one is
 assembled in a temporary directory beside `out_dir` (the other parts copied, the LLM requantized
@@ -18,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -26,47 +32,34 @@ from pathlib import Path
 import numpy as np
 
 from tinyllava_edge.atomic import replace_folder, staged_folder
+from tinyllava_edge.bundle import MANIFEST_NAME, file_record, files_by_role, read_manifest, write_manifest
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.export.manifest import (
-    MANIFEST_NAME,
-    file_record,
-    files_by_role,
-    is_bundle,
-    read_manifest,
-    write_manifest,
-)
-from tinyllava_edge.export.staging import Steps, check_destination
-from tinyllava_edge.quant.gguf import BITS_TO_TYPE, GGUF_TYPES, gguf_type, quantize_gguf
+from tinyllava_edge.quant.gguf import gguf_type, quantize_gguf
 from tinyllava_edge.quant.onnx import ONNX_SCHEMES
+from tinyllava_edge.quant.precisions import preset_for
+from tinyllava_edge.staging import Steps, check_bundle_destination
 
 DEFAULT_QUANT = "Q4_K_M"
 CHECK_PROMPTS = 4  # synthetic image prompts the fidelity check decodes
 CHECK_TOKENS = 8
 
 
-def resolve_quant(quant: str | None, bits: int | None) -> str:
-    """`--quant TYPE` or `--bits 4|8` (one of them) -> a registered GGUF type."""
-    if quant is not None and bits is not None:
-        raise TinyLlavaError("give either a GGUF type (--quant) or a bit width (--bits), not both")
-    if bits is not None:
-        if bits not in BITS_TO_TYPE:
-            raise TinyLlavaError(f"--bits {bits} is not offered; expected one of "
-                                 f"{', '.join(str(b) for b in sorted(BITS_TO_TYPE))}")
-        return BITS_TO_TYPE[bits]
-    return gguf_type(quant or DEFAULT_QUANT).name
-
-
 def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant: str = DEFAULT_QUANT,
                     onnx: Sequence[str] = (), vision_default: str | None = None, mmproj: str | None = "Q8_0",
-                    calibration: Sequence[np.ndarray] | None = None, verify: bool = True, overwrite: bool = False,
-                    progress: bool = True) -> dict:
+                    calibration: Sequence[np.ndarray] | None = None, verify: bool = True,
+                    logits_tol: float | None = None, overwrite: bool = False, progress: bool = True,
+                    keep_source_path: bool = True) -> dict:
     """Write a copy of `bundle_dir` at `out_dir` with `llm-<quant>.gguf` instead of its F16/F32 LLM.
 
     `onnx`: vision graph schemes to add (int8, int4, int4-gptq; the last needs `calibration`,
     batches of preprocessed images). `vision_default`: the graph the runtime runs by default
-    (None keeps the source's). `mmproj` "Q8_0" requantizes an F16/F32 mmproj (None copies it).
-    `verify` decodes CHECK_PROMPTS synthetic image prompts with both LLM files and records the
-    agreement. Returns {path, manifest, seconds}.
+    (None: the smallest added graph that passes quant/vision.py's proxy, else fp32; the source's
+    when no graph is added).
+    `mmproj` "Q8_0" requantizes an F16/F32 mmproj (None copies it). `verify` decodes
+    CHECK_PROMPTS synthetic image prompts with both LLM files and records the agreement; with
+    `logits_tol` it also fails when the prompt logits differ by more than that, relative to the
+    largest source logit. `keep_source_path` False leaves the source bundle's path out of the
+    record (a scratch bundle that will not exist). Returns {path, manifest, seconds}.
     """
     gguf_type(quant)
     for scheme in onnx:
@@ -85,7 +78,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                              "(requantizing compounds the rounding)")
     if source.resolve() == final.resolve():
         raise TinyLlavaError(f"the output {final} is the source bundle; write the quantized bundle elsewhere")
-    check_destination(final, overwrite, what="bundle", is_ours=is_bundle, record_name=MANIFEST_NAME)
+    check_bundle_destination(final, overwrite)
     mm = files_by_role(manifest, "mmproj")
     redo_mmproj = mmproj is not None and bool(mm) and mm[0]["quant"] in ("F16", "F32")
     steps = Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
@@ -121,7 +114,6 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         new_manifest = copy.deepcopy(manifest)
         if onnx:
             from tinyllava_edge.data.preprocess import PreprocessConfig
-
             from tinyllava_edge.quant.vision import vision_variants
 
             steps.start(f"vision graphs: {', '.join(onnx)}")
@@ -141,15 +133,20 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
             steps.start(f"checking llm-{quant}.gguf against {llm['name']} on {CHECK_PROMPTS} image prompts")
             from tinyllava_edge.quant.fidelity import compare_llm_files
 
-            record_of["llm"]["fidelity"] = compare_llm_files(manifest, source, source / llm["name"], llm_path,
-                                                             CHECK_PROMPTS, CHECK_TOKENS)
-        steps.start("writing manifest.json")
+            fidelity = compare_llm_files(manifest, source, source / llm["name"], llm_path, CHECK_PROMPTS,
+                                         CHECK_TOKENS)
+            record_of["llm"]["fidelity"] = fidelity
+            if logits_tol is not None and fidelity["logits_rel_diff"] > logits_tol:
+                raise TinyLlavaError(
+                    f"check 'quantized LLM vs {llm['name']}' failed: prompt logits differ by "
+                    f"{fidelity['logits_rel_diff']:.3g} of the largest logit; expected <= {logits_tol:g}")
+        steps.start(f"writing {MANIFEST_NAME}")
         new_manifest.update({
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "bits": int(gguf_type(quant).bits),  # nominal: Q8_0 -> 8, Q6_K -> 6, Q4_K_M -> 4
             "files": files,
-            "quantization": {"source_bundle": str(source.resolve()), "source_created": manifest.get("created"),
-                             **record_of},
+            "quantization": {"source_bundle": str(source.resolve()) if keep_source_path else None,
+                             "source_created": manifest.get("created"), **record_of},
         })
         write_manifest(staging, new_manifest)
         read_manifest(staging)  # the new bundle is whole and self-consistent
@@ -162,4 +159,47 @@ def _index(records: list[dict], name: str) -> int:
     return next(i for i, r in enumerate(records) if r["name"] == name)
 
 
-__all__ = ["quantize_bundle", "resolve_quant", "DEFAULT_QUANT", "GGUF_TYPES"]
+def preset_options(bits: int) -> dict:
+    """The `quantize_bundle` options of the `--bits` preset: LLM and mmproj types, vision graphs,
+    the logit tolerance."""
+    preset = preset_for(bits)
+    return {"quant": preset.llm, "mmproj": preset.mmproj, "onnx": preset.vision, "logits_tol": preset.logits_tol}
+
+
+def quantize_to_bits(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, bits: int, **options) -> dict:
+    """`quantize_bundle` with the preset of `bits` (quant/precisions.py); `options` are the rest of
+    quantize_bundle's (verify, overwrite, progress, ...)."""
+    return quantize_bundle(bundle_dir, out_dir, **preset_options(bits), **options)
+
+
+def export_quantized(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, bits: int, *,
+                     fmt: str = "gguf", verify: bool = True, overwrite: bool = False, progress: bool = True,
+                     **export_options) -> dict:
+    """A checkpoint -> its `bits`-bit bundle at `out_dir`: `export_bundle` writes the 16-bit bundle
+    (checked against PyTorch with `verify`) into a scratch folder beside `out_dir`, and
+    `quantize_to_bits` turns it into the destination (checked against that 16-bit bundle with
+    `verify`); the scratch folder is removed either way. `export_options` are export_bundle's
+    (mmproj, onnx_fp16, check_images, check_tokens). Returns quantize_bundle's result plus
+    `export`, the 16-bit export's {path, manifest, seconds}.
+    """
+    from tinyllava_edge.export.bundle import export_bundle
+
+    started = time.perf_counter()
+    preset_for(bits)
+    if fmt != "gguf":
+        raise TinyLlavaError(f"{bits}-bit bundles quantize the LLM GGUF, which a {fmt!r} bundle does not hold; "
+                             "export the ONNX bundle with --bits 32 or 16")
+    final = Path(out_dir)
+    check_bundle_destination(final, overwrite)  # before the long export
+    # a scratch folder beside the destination, never moved into place: removed when the block ends
+    with staged_folder(final) as scratch:
+        exported = export_bundle(checkpoint_dir, scratch / "bundle", fmt=fmt, bits=16, verify=verify,
+                                 progress=progress, **export_options)
+        if progress:  # the export's steps came first; the quantization's are numbered anew
+            print(f"the 16-bit bundle -> {bits} bits:", file=sys.stderr, flush=True)
+        result = quantize_to_bits(exported["path"], final, bits, verify=verify, overwrite=overwrite,
+                                  progress=progress, keep_source_path=False)
+    return {**result, "seconds": time.perf_counter() - started, "export": exported}
+
+
+__all__ = ["quantize_bundle", "quantize_to_bits", "export_quantized", "preset_options", "DEFAULT_QUANT"]

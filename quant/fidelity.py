@@ -35,12 +35,11 @@ def compare_llm_files(manifest: dict, bundle_dir: Path, ref_path: Path, cand_pat
                       n_tokens: int) -> dict:
     import onnxruntime as ort
 
+    from tinyllava_edge.bundle import files_by_role
     from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
     from tinyllava_edge.data.template import Template
     from tinyllava_edge.export.checks import image_prompt, synthetic_images
-    from tinyllava_edge.llamacpp import LlamaCppTokenizer
-    from tinyllava_edge.export.manifest import files_by_role
-    from tinyllava_edge.llamacpp import LlamaCppModel, split_segments
+    from tinyllava_edge.llamacpp import LlamaCppModel, LlamaCppTokenizer, split_segments
 
     llm_record = files_by_role(manifest, "llm")[0]
     scale = float(llm_record.get("image_features_scale", 1.0)) * float(llm_record.get("embd_input_scale", 1.0))

@@ -49,7 +49,6 @@ for _t in (
 ):
     GGUF_TYPES.add(_t.name, _t)
 
-BITS_TO_TYPE = {8: "Q8_0", 4: "Q4_K_M"}  # `--bits N` -> the type it means
 _SOURCE_TYPES = ("F32", "F16", "BF16")  # what may be requantized
 
 

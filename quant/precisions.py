@@ -1,4 +1,5 @@
-"""The 8- and 4-bit bundle precisions `export_bundle` offers once the quant stage is imported.
+"""What `--bits 8` and `--bits 4` mean for a bundle: one preset per width, used by
+`tinyllava-export --bits N` and `tinyllava-quantize --bits N` alike.
 
     --bits 8: llm-Q8_0.gguf,   mmproj-Q8_0.gguf, vision-int8.onnx
     --bits 4: llm-Q4_K_M.gguf, mmproj-Q8_0.gguf, vision-int8.onnx + vision-int4.onnx
@@ -7,53 +8,40 @@ beside vision.onnx (fp32); the manifest's `vision_default` names the smallest gr
 the proxy of quant/vision.py (tiny-shapes: fp32 for 8 bits, int4 for 4 bits, docs/quality.md).
 
 The mmproj stays at Q8_0 for 4 bits too: gguf-py has no K-quants, and stock mtmd measured
-cosine 0.9999 at Q8_0 (docs/quality.md). The LLM check tolerances are the measured prompt-logit
-differences against PyTorch with a margin (tiny-shapes model, docs/quality.md); greedy tokens are
-recorded, not required identical (a 4-bit model may break near-ties differently).
+cosine 0.9999 at Q8_0 (docs/quality.md). `logits_tol` bounds the quantized LLM's prompt-logit
+difference from the 16-bit file it was made from, relative to the largest logit (tiny-shapes
+measured: Q8_0 6e-3 against PyTorch, Q4_K_M 3e-2 against F16; the margin covers other models);
+greedy tokens are recorded, not required identical (a 4-bit model may break near-ties
+differently).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
-from tinyllava_edge.export.bundle import PRECISIONS, Precision, register_precision
-
-from .gguf import BITS_TO_TYPE
-
-# relative prompt-logit difference against PyTorch allowed at export (tiny-shapes measured: Q8_0 6e-3 vs torch, Q4_K_M 3e-2 vs F16)
-LOGITS_TOL = {8: 0.05, 4: 0.25}
-VISION_CANDIDATES = {8: ("int8",), 4: ("int4", "int8")}  # smallest first
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
 
 
-def _finish_llm(quant: str):
-    def finish(written: Path, final: Path) -> dict:
-        from .gguf import quantize_gguf
+@dataclass(frozen=True)
+class BitsPreset:
+    """The quantized bundle one bit width stands for."""
 
-        return quantize_gguf(written, final, quant)
-
-    return finish
-
-
-def _finish_mmproj(written: Path, final: Path) -> dict:
-    from .mmproj import quantize_mmproj
-
-    return quantize_mmproj(written, final, "Q8_0")
+    bits: int
+    llm: str  # GGUF type of the LLM (quant/gguf.py GGUF_TYPES)
+    mmproj: str  # GGUF type of the stock-llama.cpp mmproj (quant/mmproj.py MMPROJ_TYPES)
+    vision: tuple[str, ...]  # ONNX schemes written beside vision.onnx, smallest first (quant/onnx.py)
+    logits_tol: float
 
 
-def _vision_variants(bits: int):
-    def variants(folder: Path, fp32_record: dict, model) -> dict:
-        from .vision import vision_variants
-
-        return vision_variants(folder, fp32_record, model, VISION_CANDIDATES[bits])
-
-    return variants
+BIT_PRESETS: Registry[BitsPreset] = Registry("quantized bit width")
+BIT_PRESETS.add("8", BitsPreset(8, "Q8_0", "Q8_0", ("int8",), logits_tol=0.05))
+BIT_PRESETS.add("4", BitsPreset(4, "Q4_K_M", "Q8_0", ("int4", "int8"), logits_tol=0.25))
+BITS = tuple(int(key) for key in BIT_PRESETS.keys())
 
 
-def register_precisions() -> None:
-    """Register 8 and 4 bits (once per process)."""
-    for bits, quant in BITS_TO_TYPE.items():
-        if str(bits) in PRECISIONS:
-            continue
-        register_precision(Precision(bits, quant, "f16", "f16", logits_tol=LOGITS_TOL[bits], exact_greedy=False,
-                                     finish=_finish_llm(quant), mmproj_type="Q8_0", mmproj_finish=_finish_mmproj,
-                                     vision_variants=_vision_variants(bits)))
+def preset_for(bits: int) -> BitsPreset:
+    """The preset of `bits`; one sentence naming the offered widths for any other."""
+    if str(bits) not in BIT_PRESETS:
+        raise TinyLlavaError(f"--bits {bits} is not offered; expected one of {', '.join(str(b) for b in BITS)}")
+    return BIT_PRESETS.get(str(bits))

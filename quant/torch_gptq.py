@@ -295,7 +295,7 @@ def quantize_gptq(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     image rows included. Returns {path, record, seconds}; the record is also quantization.json.
     """
     from tinyllava_edge.atomic import replace_folder, staged_folder
-    from tinyllava_edge.export.staging import Steps, source_record
+    from tinyllava_edge.staging import Steps, source_record
 
     source, final = Path(checkpoint_dir), Path(out_dir)
     if bits not in FUSED_BITS:

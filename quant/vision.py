@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllava_edge.bundle import file_record
 from tinyllava_edge.data.preprocess import PreprocessConfig, preprocess
-from tinyllava_edge.export.manifest import file_record
-
-from .onnx import compare_onnx, quantize_onnx
+from tinyllava_edge.quant.onnx import compare_onnx, quantize_onnx
 
 VISION_MIN_COSINE = 0.99
 PROXY_IMAGES = 16  # scenes drawn by the shapes generator (seed 7, val split, up to 3 objects)
@@ -35,14 +34,10 @@ def proxy_pixels(pre: PreprocessConfig, n: int = PROXY_IMAGES) -> np.ndarray:
     return preprocess(images, pre)
 
 
-def vision_variants(folder: Path, fp32_record: dict, pre: PreprocessConfig | object, candidates: Sequence[str], *,
+def vision_variants(folder: Path, fp32_record: dict, pre: PreprocessConfig, candidates: Sequence[str], *,
                     calibration: Sequence[np.ndarray] | None = None) -> dict:
     """Write vision-<scheme>.onnx for each candidate scheme beside the fp32 graph; returns
     {"files": records, "vision_default": scheme or "fp32", "validation": {scheme: figures}}."""
-    if not isinstance(pre, PreprocessConfig):  # a model (the export hook)
-        from tinyllava_edge.export.onnx_vision import preprocess_config
-
-        pre = preprocess_config(pre)
     source = folder / fp32_record["name"]
     pixels = proxy_pixels(pre)
     files, figures = [], {}

@@ -40,7 +40,7 @@ import tinyllava_edge  # noqa: E402
 from tinyllava_edge.apps.uploads import open_upload, upload_path  # noqa: E402
 from tinyllava_edge.data.preprocess import load_image  # noqa: E402
 from tinyllava_edge.errors import TinyLlavaError  # noqa: E402
-from tinyllava_edge.export.manifest import read_manifest, sha256_file  # noqa: E402
+from tinyllava_edge.bundle import read_manifest, sha256_file  # noqa: E402
 
 MINIATURE = "TinyLLaVA-Qwen2-0.5B-SigLIP"
 # The one refusal of a truncated image, at every entry point (tinyllava_edge/data/images.py).

@@ -141,6 +141,18 @@ def test_model_card(variants_dir):
     assert "Checkpoint" in model_card(variants["ckpt"])
 
 
+def test_model_card_of_a_quantized_bundle(variants_dir, tmp_path):
+    # what the main job's 4-bit variant shows: what the quant stage did, then the export's figures
+    from tinyllava_edge.quant.bundle import quantize_to_bits
+
+    quantize_to_bits(variants_dir / "bundle", tmp_path / "bundle-8bit", 8, progress=False)
+    (variant,) = discover(tmp_path / "bundle-8bit")
+    card = model_card(variant)
+    assert "**Quantized** from a bundle made" in card and "llm-F32.gguf -> Q8_0, mmproj -> Q8_0" in card
+    assert "- LLM against its source: prompts 4" in card and "- vision int8 against fp32: mean token cosine" in card
+    assert "Fidelity against PyTorch (measured at export, on the bundle it was quantized from)" in card
+
+
 def test_bad_uploads_one_sentence(bad_files):
     expected = {"text": "cannot be read as an image", "truncated": "is truncated", "huge": "20000"}
     for kind, path in bad_files.items():

@@ -32,7 +32,8 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 torch = pytest.importorskip("torch")
 
-from tinyllava_edge.export import PRECISIONS, export_bundle, read_manifest  # noqa: E402
+from tinyllava_edge.bundle import read_manifest  # noqa: E402
+from tinyllava_edge.export import PRECISIONS, export_bundle  # noqa: E402
 from tinyllava_edge.export import bundle as bundle_module  # noqa: E402
 from tinyllava_edge.export.checks import image_prompt, synthetic_images  # noqa: E402
 from tinyllava_edge.llamacpp import LlamaCppTokenizer  # noqa: E402
@@ -273,7 +274,7 @@ def test_failure_mid_export_leaves_nothing(small_ckpt, tmp_path, monkeypatch):
 
 
 def test_failed_check_names_it_and_leaves_nothing(small_ckpt, tmp_path, monkeypatch):
-    strict = bundle_module.Precision(32, "F32", "f32", "f32", logits_tol=1e-12, exact_greedy=True)
+    strict = bundle_module.Precision(32, "F32", "f32", logits_tol=1e-12, exact_greedy=True)
     monkeypatch.setattr(bundle_module, "precision_for", lambda bits: strict)
     out = tmp_path / "bundle"
     with pytest.raises(TinyLlavaError, match=r"check 'LLM with image, llama.cpp vs PyTorch' failed: .* <= 1e-12"):
@@ -328,22 +329,22 @@ def test_dinov2_tower_skips_the_mmproj(root, tmp_path):
 
 
 def test_bit_widths():
-    # 8 and 4 come from the quant stage, imported on demand: the call gets as far as the source path
-    with pytest.raises(TinyLlavaError, match="unused"):
+    # export writes 16 and 32 bits itself; 8 and 4 are the quant stage's (tests/test_quant.py), and
+    # export never imports it: the sentence says where quantized bundles come from
+    with pytest.raises(TinyLlavaError, match=r"bundles of 16 or 32 bits, not 8; .*quant stage .*export_quantized"):
         export_bundle("unused", "unused", bits=8)
-    assert PRECISIONS.get("8").gguf_type == "Q8_0" and PRECISIONS.get("4").gguf_type == "Q4_K_M"
-    with pytest.raises(TinyLlavaError, match="unknown bundle bit width '12'; known: 16, 32"):
+    with pytest.raises(TinyLlavaError, match="bundles of 16 or 32 bits, not 12;"):
         export_bundle("unused", "unused", bits=12)
     with pytest.raises(ValueError, match="registered twice"):
-        bundle_module.register_precision(PRECISIONS.get("16"))
+        PRECISIONS.add("16", PRECISIONS.get("16"))
     with pytest.raises(TinyLlavaError, match="bundle format 'tflite'"):
         export_bundle("unused", "unused", fmt="tflite")
 
 
 def test_every_precision_has_a_test_case():
-    # 32: the miniature bundles above; 16: the CLI run below; 8 and 4 (registered by the quant
-    # stage when imported): tests/test_quant.py::test_export_bits_produces_valid_bundle.
-    assert set(PRECISIONS.keys()) <= {"16", "32", "4", "8"}
+    # 32: the miniature bundles above; 16: the CLI run below. The quantized widths are the quant
+    # stage's presets (tests/test_quant.py::test_every_bits_preset_has_a_case).
+    assert set(PRECISIONS.keys()) == {"16", "32"}
 
 
 # -- the command ---------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def test_llamacpp_wrapper_needs_no_torch(exported):
         sys.meta_path.insert(0, Block())
         import numpy as np
         from tinyllava_edge.llamacpp import LlamaCppModel, split_segments
-        from tinyllava_edge.export import read_manifest
+        from tinyllava_edge.bundle import read_manifest
         manifest = read_manifest({result['path']!r})
         with LlamaCppModel({result['path']!r} + "/llm-F32.gguf", n_ctx=64, n_threads=1) as llm:
             rows = np.zeros((15, llm.n_embd), np.float32)

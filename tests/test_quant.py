@@ -1,5 +1,5 @@
 """The quantization stage: GGUF types through llama.cpp's quantizer, mmproj Q8_0, ONNX int8/int4,
-bitsandbytes loading, `export --bits 4|8`, `tinyllava-quantize`.
+bitsandbytes loading (model/bnb.py), `export --bits 4|8` (export then quantize), `tinyllava-quantize`.
 
 Two models, built on the fly: a TinyLlama-SigLIP miniature widened to the tiny-shapes LLM
 (hidden 256, FFN 768: rows a multiple of 256, so K-quants really apply) and the plain miniature
@@ -26,16 +26,20 @@ pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 torch = pytest.importorskip("torch")
 
+from tinyllava_edge.bundle import read_manifest  # noqa: E402
 from tinyllava_edge.cli.quantize import main as quantize_main  # noqa: E402
 from tinyllava_edge.errors import TinyLlavaError  # noqa: E402
-from tinyllava_edge.export import export_bundle, read_manifest  # noqa: E402
+from tinyllava_edge.export import export_bundle  # noqa: E402
 from tinyllava_edge.llamacpp import LlamaCppModel  # noqa: E402
+from tinyllava_edge.model.bnb import TORCH_SCHEMES  # noqa: E402
+from tinyllava_edge.quant.bundle import export_quantized, quantize_to_bits  # noqa: E402
 from tinyllava_edge.quant.gguf import GGUF_TYPES, main_ggml_type, quantize_gguf, tensor_types  # noqa: E402
 from tinyllava_edge.quant.onnx import ONNX_SCHEMES, compare_onnx, quantize_onnx  # noqa: E402
-from tinyllava_edge.quant.torch_bnb import TORCH_SCHEMES  # noqa: E402
+from tinyllava_edge.quant.precisions import BIT_PRESETS  # noqa: E402
 from tinyllava_edge.testing import checkpoints as ck  # noqa: E402
 
 ONNX_MIN_COSINE = {"int8": 0.99, "int4": 0.97, "int4-gptq": 0.95}
+BITS_CASES = {8: ("Q8_0", {"fp32", "int8"}), 4: ("Q4_K_M", {"fp32", "int8", "int4"})}
 TORCH_CASES = {"nf4": "Linear4bit", "fp4": "Linear4bit", "int8": "Linear8bitLt"}
 
 
@@ -115,7 +119,7 @@ def test_onnx_variants_valid_and_close(wide, scheme, tmp_path):
 
 @pytest.mark.parametrize("scheme", TORCH_SCHEMES.keys())
 def test_bnb_layers_present_after_loading(wide, scheme):
-    from tinyllava_edge.quant.torch_bnb import GPTQ_REASON, load_quantized, quantized_layers
+    from tinyllava_edge.model.bnb import GPTQ_REASON, load_quantized, quantized_layers
 
     if scheme == "gptq":  # written by tinyllava-quantize --torch gptq, never applied at load (tests/test_gptq.py)
         with pytest.raises(TinyLlavaError, match="GPTQ is not applied at load time") as excinfo:
@@ -142,23 +146,49 @@ def test_torch_backend_quantization_option(wide):
         tinyllava_edge.load(wide["ckpt"], quantize_vision=True)
 
 
-@pytest.mark.parametrize("bits, llm, visions", [(8, "Q8_0", {"fp32", "int8"}), (4, "Q4_K_M", {"fp32", "int8", "int4"})])
-def test_export_bits_produces_valid_bundle(wide, bits, llm, visions, tmp_path):
+@pytest.mark.parametrize("bits", BITS_CASES)
+def test_export_bits_produces_valid_bundle(wide, bits, tmp_path):
     import tinyllava_edge
 
-    result = export_bundle(wide["ckpt"], tmp_path / "b", bits=bits, progress=False, verify=bits == 8,
-                           check_images=1, check_tokens=2)
+    llm, visions = BITS_CASES[bits]
+    result = export_quantized(wide["ckpt"], tmp_path / "b", bits, progress=False, verify=bits == 8, check_images=1,
+                              check_tokens=2)
     manifest = read_manifest(result["path"])
     quants = {f["role"]: f["quant"] for f in manifest["files"] if f["role"] != "vision"}
     assert quants == {"llm": llm, "mmproj": "Q8_0"} and manifest["bits"] == bits
     assert {f["quant"] for f in manifest["files"] if f["role"] == "vision"} == visions
     assert manifest["vision_default"] in visions
     assert not (Path(result["path"]) / "llm-F16.gguf").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # the 16-bit scratch bundle is gone
+    assert manifest["quantization"]["source_bundle"] is None and result["export"]["manifest"]["bits"] == 16
+    if bits == 8:  # checked twice: the 16-bit bundle against PyTorch, the quantized LLM against it
+        assert result["export"]["manifest"]["validation"]["llm"]["prompts"] == 1
+        fidelity = manifest["quantization"]["llm"]["fidelity"]
+        assert fidelity["logits_rel_diff"] <= BIT_PRESETS.get("8").logits_tol
     vlm = tinyllava_edge.load(result["path"], device="cpu", n_threads=1)
     assert vlm.info()["vision"] == f"vision-{manifest['vision_default']}.onnx".replace("vision-fp32", "vision")
     image = np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8)
     assert isinstance(vlm.generate(image, "What is it?", max_new_tokens=3), str)
     vlm.close()
+    # one path: tinyllava-quantize --bits N over the same checkpoint's 16-bit bundle writes the same bundle
+    again = read_manifest(quantize_to_bits(wide["bundle"], tmp_path / "q", bits, verify=False, progress=False)["path"])
+    assert [(f["name"], f["quant"]) for f in again["files"]] == [(f["name"], f["quant"]) for f in manifest["files"]]
+    assert again["vision_default"] == manifest["vision_default"]
+
+
+def test_quantized_check_fails_beyond_the_tolerance(wide, tmp_path):
+    from tinyllava_edge.quant.bundle import quantize_bundle
+
+    with pytest.raises(TinyLlavaError, match=r"check 'quantized LLM vs llm-F16.gguf' failed: .* expected <= 1e-09"):
+        quantize_bundle(wide["bundle"], tmp_path / "q", quant="Q4_0", logits_tol=1e-9, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_bits_preset_has_a_case():
+    assert set(BIT_PRESETS.keys()) == {str(b) for b in BITS_CASES}
+    for bits, (llm, visions) in BITS_CASES.items():
+        preset = BIT_PRESETS.get(str(bits))
+        assert preset.llm == llm and {"fp32", *preset.vision} == visions and preset.llm in GGUF_TYPES
 
 
 def test_quantize_cli_writes_a_new_bundle(wide, tmp_path, capsys):

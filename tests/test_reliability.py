@@ -268,7 +268,7 @@ def manifest_copy(built, tmp_path_factory):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_manifest_reader(manifest_copy, data):
-    from tinyllava_edge.export.manifest import read_manifest
+    from tinyllava_edge.bundle import read_manifest
 
     folder, original = manifest_copy
     manifest = json.loads(json.dumps(original))

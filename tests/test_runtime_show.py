@@ -324,7 +324,7 @@ def _linked_bundle(paths, where: Path) -> Path:
 
 
 def test_bad_bundles(paths, tmp_path):
-    from tinyllava_edge.export.manifest import files_by_role, read_manifest
+    from tinyllava_edge.bundle import files_by_role, read_manifest
 
     manifest = read_manifest(paths["bundle"])
     llm = files_by_role(manifest, "llm")[0]

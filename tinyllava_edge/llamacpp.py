@@ -2,7 +2,7 @@
 
 The high-level `llama_cpp.Llama` only takes token ids; a LLaVA-style model needs the image's
 feature rows spliced between text tokens. llama.cpp takes them as an embeddings batch
-(`llama_batch_init(n, n_embd, 1)` + `batch.embd` + `llama_decode`, DESIGN.md), in a batch of its
+(`llama_batch_init(n, n_embd, 1)` + `batch.embd` + `llama_decode`, docs/architecture.md), in a batch of its
 own: a batch holds either tokens or embeddings, never both.
 
     with LlamaCppModel("llm-F16.gguf", n_ctx=2048) as llm:
@@ -11,11 +11,11 @@ own: a batch holds either tokens or embeddings, never both.
 A *segment* is a list of token ids or a float32 array (n, n_embd) of input embeddings (what the
 vision graph returns for one image). Decoding is greedy: what the export checks compare.
 
-No torch here (DESIGN.md: the edge runtime runs with numpy and llama-cpp-python alone).
+No torch here (docs/architecture.md: the edge runtime runs with numpy and llama-cpp-python alone).
 
 llama.cpp's own log goes through one module-level callback that keeps the last lines in memory
 (`recent_log()`) instead of printing them; the callback object stays referenced for the life of
-the process (a collected ctypes callback segfaults, DESIGN.md). Installing it replaces
+the process (a collected ctypes callback segfaults, docs/architecture.md). Installing it replaces
 llama-cpp-python's printing logger process-wide.
 """
 
@@ -31,7 +31,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from .errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 # KV-cache element types by name (ggml_type values, ggml.h). llama.cpp defaults to F16; F32
 # makes the cache exact, so a comparison measures the weights file and nothing else.

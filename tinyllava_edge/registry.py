@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
-from .errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 T = TypeVar("T")
 

@@ -11,8 +11,8 @@
 package is light; torch, transformers and peft are imported when a run starts.
 """
 
-from .config import TrainConfig
-from .recipes import PARTS, RECIPES, STAGES, TUNE_TYPE_KEYS, Recipe, Stage, TuneSpec
+from tinyllava_edge.train.config import TrainConfig
+from tinyllava_edge.train.recipes import PARTS, RECIPES, STAGES, TUNE_TYPE_KEYS, Recipe, Stage, TuneSpec
 
 __all__ = [
     "PARTS",
@@ -32,11 +32,11 @@ __all__ = [
 def __getattr__(name: str):
     # The torch-side API, imported on first use so that `--help` and config checks stay light.
     if name in ("train", "TrainResult"):
-        from . import run
+        from tinyllava_edge.train import run
 
         return getattr(run, name)
     if name == "merge_lora_checkpoint":
-        from .lora import merge_lora_checkpoint
+        from tinyllava_edge.train.lora import merge_lora_checkpoint
 
         return merge_lora_checkpoint
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

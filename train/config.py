@@ -13,8 +13,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from ..errors import TinyLlavaError
-from .recipes import RECIPES, STAGES, TuneSpec
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.train.recipes import RECIPES, STAGES, TuneSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Options that may change between an interrupted run and its resumption.

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from ..errors import TinyLlavaError
-from ..registry import Registry
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
 
 PARTS = ("llm", "vision_tower", "connector")
 # Each part's module attribute on TinyLlavaForConditionalGeneration.

@@ -24,9 +24,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..errors import TinyLlavaError
-from ..registry import Registry
-from .recipes import PART_MODULES, PARTS, TuneSpec
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
+from tinyllava_edge.train.recipes import PART_MODULES, PARTS, TuneSpec
 
 ADAPTER_NAME = "default"  # peft's adapter name; one adapter per run
 

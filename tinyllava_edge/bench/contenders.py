@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..registry import Registry
+from tinyllava_edge.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def _manifest(bundle: Path) -> dict:
 
 
 def _role(bundle: Path, role: str, quant: str | None = None) -> Path:
-    from ..export.manifest import files_by_role
+    from tinyllava_edge.bundle import files_by_role
 
     records = [r for r in files_by_role(_manifest(bundle), role) if quant is None or r.get("quant") == quant]
     return bundle / records[0]["name"]

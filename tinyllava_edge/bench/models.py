@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 BENCH_SCALE = "bench-scale"
 QUANTS = ("Q8_0", "Q4_K_M")
@@ -35,9 +35,9 @@ def build_bench_scale(out: Path) -> Path:
         return out
     import torch
 
-    from ..model import TinyLlavaConfig, TinyLlavaForConditionalGeneration, load_tokenizer
-    from ..testing.tokenizers import build_tokenizer
-    from .dims import QWEN2_05B, SIGLIP_SO400M
+    from tinyllava_edge.bench.dims import QWEN2_05B, SIGLIP_SO400M
+    from tinyllava_edge.model import TinyLlavaConfig, TinyLlavaForConditionalGeneration, load_tokenizer
+    from tinyllava_edge.testing.tokenizers import build_tokenizer
 
     _log(f"building {BENCH_SCALE} (Qwen2-0.5B + SigLIP-so400m-384 dims, random weights) in {out}")
     out.mkdir(parents=True, exist_ok=True)
@@ -58,8 +58,8 @@ def build_bench_scale(out: Path) -> Path:
 def bundles_for(checkpoint: Path, cache: Path, *, verify: bool) -> dict[str, Path]:
     """{"F16": bundle, "Q8_0": bundle, "Q4_K_M": bundle} for `checkpoint`, exported into `cache`
     once (a bundle whose manifest exists is reused)."""
-    from ..export.bundle import export_bundle
-    from ..quant.bundle import quantize_bundle
+    from tinyllava_edge.export.bundle import export_bundle
+    from tinyllava_edge.quant.bundle import quantize_bundle
 
     cache.mkdir(parents=True, exist_ok=True)
     bundles = {"F16": cache / "bundle-F16"}

@@ -2,7 +2,7 @@
 
 Decoding one token reads every LLM weight once (the KV cache is small next to it at these
 contexts), so tokens/s can be no higher than bandwidth / bytes read per token. The bandwidth
-is measured the way decode uses memory: a large fp32 matrix-vector product (DESIGN.md: ~30 GB/s
+is measured the way decode uses memory: a large fp32 matrix-vector product (docs/architecture.md: ~30 GB/s
 here for 1 GiB, drifting +-20 % over minutes, hence measured in the same run as what it divides).
 
     bw = measure_bandwidth()                      # bytes/s
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 GIB = 1 << 30
 

@@ -20,11 +20,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import TinyLlavaError
-from .contenders import CONTENDERS, DEFAULT_CONTENDERS
-from .floors import check_floors
-from .models import BENCH_SCALE, bundles_for, resolve_model
-from .roofline import checkpoint_llm_bytes_per_token, gguf_bytes_per_token, measure_bandwidth, roofline_fraction
+from tinyllava_edge.bench.contenders import CONTENDERS, DEFAULT_CONTENDERS
+from tinyllava_edge.bench.floors import check_floors
+from tinyllava_edge.bench.models import BENCH_SCALE, bundles_for, resolve_model
+from tinyllava_edge.bench.roofline import (checkpoint_llm_bytes_per_token, gguf_bytes_per_token, measure_bandwidth,
+                                           roofline_fraction)
+from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_ROUNDS = 3
 DEFAULT_PROMPTS = 2

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..runtime.stats import peak_rss_bytes
+from tinyllava_edge.runtime.stats import peak_rss_bytes
 
 # Raw llama.cpp prompts are padded with this text to the positions our prompt takes with its image.
 _FILLER = " The quick brown fox jumps over the lazy dog."
@@ -26,8 +26,8 @@ FOLLOW_UP = "What colour is the largest shape?"
 
 
 def _timed_vlm(spec: dict) -> dict:
-    from .. import load
-    from ..eval.metrics import exact_match_text
+    from tinyllava_edge import load
+    from tinyllava_edge.eval.metrics import exact_match_text
 
     t = time.perf_counter()
     vlm = load(spec["model"], device="cpu", **spec.get("options", {}))
@@ -62,7 +62,7 @@ def _no_extra_bufts():
     same weights layout for both, so the comparison measures the wrappers only."""
     import llama_cpp.llama_cpp as lib
 
-    from ..llamacpp import _extra_bufts_safe
+    from tinyllava_edge.llamacpp import _extra_bufts_safe
 
     if _extra_bufts_safe():
         return
@@ -127,9 +127,9 @@ def _timed_mtmd(spec: dict) -> dict:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-    from ..constants import DEFAULT_IMAGE_TOKEN
-    from ..data.template import Template
-    from ..eval.metrics import exact_match_text
+    from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+    from tinyllava_edge.data.template import Template
+    from tinyllava_edge.eval.metrics import exact_match_text
 
     t = time.perf_counter()
     handler = Llava15ChatHandler(clip_model_path=spec["mmproj"], verbose=False)

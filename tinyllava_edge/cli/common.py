@@ -1,4 +1,4 @@
-"""What every command shares: its argument parser, sizes for summaries and the one-line error exit."""
+"""What every command shares: its argument parser and the one-line error exit."""
 
 from __future__ import annotations
 
@@ -9,15 +9,6 @@ from typing import NoReturn
 from tinyllava_edge.errors import TinyLlavaError
 
 USER_ERRORS = (TinyLlavaError, OSError)  # what a command reports in one line instead of a traceback
-
-
-def human_size(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, bytes shown whole)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def fail(err: BaseException, hint: str = "") -> int:

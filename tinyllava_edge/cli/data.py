@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
+from tinyllava_edge.sizes import human_size
 
 TOKENIZER_SUBDIR = "tokenizer"
 

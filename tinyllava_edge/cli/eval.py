@@ -12,8 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.sizes import human_size
 
 DEFAULT_OUT = Path("runs") / "eval"
 

@@ -1,8 +1,9 @@
 """``tinyllava-export``: a checkpoint -> an edge bundle (vision ONNX, LLM GGUF, mmproj, manifest.json),
 or with ``--format hf`` a transformers LLaVA folder for serving engines (vLLM).
 
-A thin layer over :func:`tinyllava_edge.export.export_bundle` and
-:func:`tinyllava_edge.export.hf_llava.export_hf`; their defaults are the library's.
+A thin layer over :func:`tinyllava_edge.export.export_bundle` (16 and 32 bits),
+:func:`tinyllava_edge.quant.bundle.export_quantized` (8 and 4 bits: the 16-bit bundle, then
+quantized) and :func:`tinyllava_edge.export.hf_llava.export_hf`; their defaults are the library's.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
+from tinyllava_edge.bundle import MANIFEST_NAME
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
+from tinyllava_edge.sizes import human_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # export.bundle imports nothing heavy at module level: --help stays fast.
+    # export.bundle and quant.precisions import nothing heavy at module level: --help stays fast.
     from tinyllava_edge.export.bundle import (
         BITS,
         DEFAULT_BITS,
@@ -25,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         FORMATS,
     )
     from tinyllava_edge.export.hf_llava import HF_FORMAT
+    from tinyllava_edge.quant.precisions import BITS as QUANT_BITS
 
     parser = ArgumentParser(
         prog="tinyllava-export",
@@ -39,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gguf: vision ONNX + LLM GGUF + mmproj; onnx: the vision ONNX alone; hf: an fp32 "
                              "LlavaForConditionalGeneration folder for transformers and vLLM (%(default)s)")
     # None: not given (the bundle default; an HF folder is always fp32, engines cast on load)
-    parser.add_argument("--bits", type=int, choices=BITS, default=None,
+    parser.add_argument("--bits", type=int, choices=sorted(BITS + QUANT_BITS), default=None,
                         help="16: F16 GGUF files; 32: F32; 8: Q8_0 LLM + Q8_0 mmproj + int8 vision graph; 4: Q4_K_M "
-                             f"LLM + Q8_0 mmproj + int8/int4 vision graphs (quant/) ({DEFAULT_BITS})")
+                             "LLM + Q8_0 mmproj + int8/int4 vision graphs (8 and 4: the 16-bit bundle, then "
+                             f"quantized as tinyllava-quantize --bits does) ({DEFAULT_BITS})")
     parser.add_argument("--no-verify", action="store_true", help="skip the checks against PyTorch")
     parser.add_argument("--no-mmproj", action="store_true", help="do not write the stock-llama.cpp mmproj")
     parser.add_argument("--onnx-fp16", action="store_true", help="also write vision-fp16.onnx")
@@ -56,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     from tinyllava_edge.errors import TinyLlavaError
-    from tinyllava_edge.export import export_bundle
-    from tinyllava_edge.export.bundle import DEFAULT_BITS
+    from tinyllava_edge.export.bundle import DEFAULT_BITS, PRECISIONS
     from tinyllava_edge.export.hf_llava import HF_FORMAT, export_hf
 
     if args.format == HF_FORMAT:
@@ -69,9 +73,16 @@ def run(args: argparse.Namespace) -> dict:
         return export_hf(args.model, args.out, verify=not args.no_verify, progress=not args.quiet,
                          overwrite=args.overwrite, check_images=args.check_images, check_tokens=args.check_tokens)
     bits = DEFAULT_BITS if args.bits is None else args.bits
-    return export_bundle(args.model, args.out, fmt=args.format, bits=bits, mmproj=not args.no_mmproj,
-                         verify=not args.no_verify, progress=not args.quiet, onnx_fp16=args.onnx_fp16,
-                         overwrite=args.overwrite, check_images=args.check_images, check_tokens=args.check_tokens)
+    options = dict(fmt=args.format, mmproj=not args.no_mmproj, verify=not args.no_verify, progress=not args.quiet,
+                   onnx_fp16=args.onnx_fp16, overwrite=args.overwrite, check_images=args.check_images,
+                   check_tokens=args.check_tokens)
+    if str(bits) in PRECISIONS:
+        from tinyllava_edge.export import export_bundle
+
+        return export_bundle(args.model, args.out, bits=bits, **options)
+    from tinyllava_edge.quant.bundle import export_quantized
+
+    return export_quantized(args.model, args.out, bits, **options)
 
 
 def hf_summary_lines(result: dict) -> list[str]:
@@ -94,23 +105,29 @@ def hf_summary_lines(result: dict) -> list[str]:
 
 
 def summary_lines(result: dict) -> list[str]:
-    """What was written where, with sizes, then the measured fidelity."""
+    """What was written where, with sizes, then the measured fidelity (for a quantized bundle: the
+    quantization's summary, then the 16-bit bundle's checks against PyTorch)."""
+    if "export" in result:
+        from tinyllava_edge.cli.quantize import summary_lines as quantize_lines
+
+        return quantize_lines(result) + fidelity_lines(result["export"]["manifest"]["validation"],
+                                                       "the 16-bit bundle it was quantized from")
     manifest = result["manifest"]
     out = Path(result["path"])
     lines = [f"bundle {out} ({manifest['format']}, {manifest['bits']}-bit) written in {result['seconds']:.1f} s"]
     for f in manifest["files"]:
         lines.append(f"  {f['name']:22s} {f['role']:8s} {f['quant']:5s} {human_size(f['size']):>10s}")
-    lines.append(f"  {'manifest.json':22s} {'':8s} {'':5s} {human_size((out / 'manifest.json').stat().st_size):>10s}")
+    lines.append(f"  {MANIFEST_NAME:22s} {'':8s} {'':5s} {human_size((out / MANIFEST_NAME).stat().st_size):>10s}")
     for s in manifest["skipped"]:
         lines.append(f"  skipped {s['role']}: {s['reason']}")
-    if manifest.get("vision_default"):
-        lines.append(f"  runtime vision graph by default: {manifest['vision_default']} (smallest within the "
-                     "quant stage's cosine proxy; see docs/quality.md)")
-    v = manifest["validation"]
+    return lines + fidelity_lines(manifest["validation"])
+
+
+def fidelity_lines(v: dict, what: str = "") -> list[str]:
+    """The checks against PyTorch recorded at export (`validation`), of `what` when given."""
     if not v.get("enabled"):
-        lines.append("fidelity: not measured (--no-verify)")
-        return lines
-    lines.append("fidelity against PyTorch:")
+        return ["fidelity: not measured (--no-verify)"]
+    lines = [f"fidelity against PyTorch{' (' + what + ')' if what else ''}:"]
     if "vision_onnx" in v:
         lines.append(f"  vision ONNX fp32  max abs diff {v['vision_onnx']['max_abs_diff']:.2g}")
     if "vision_onnx_fp16" in v:
@@ -131,7 +148,7 @@ def summary_lines(result: dict) -> list[str]:
     if "mmproj" in v:
         mm = v["mmproj"]
         lines.append(f"  mmproj (stock)    min token cosine {mm['min_cosine']:.4f}, {mm['n_tokens_stock']} tokens vs "
-                     f"{mm['n_tokens_torch']}; {len(mm['known_deviations'])} known deviations (see manifest.json)")
+                     f"{mm['n_tokens_torch']}; {len(mm['known_deviations'])} known deviations (see {MANIFEST_NAME})")
     return lines
 
 

@@ -1,12 +1,16 @@
-"""`tinyllava-edge`: the main job on the built-in default, as far as the pipeline goes.
+"""`tinyllava-edge`: the main job on the built-in default, from nothing to the demo page.
 
-Today: the default `tiny-shapes` model trained from nothing (`train_preset`: shapes data,
-tokenizer, both stages, evaluation on the held-out test split) -> exported to a 16-bit edge
-bundle (`export_bundle`: vision ONNX + LLM GGUF + mmproj, checked against PyTorch) -> the bundle
-loaded through the edge runtime (`tinyllava_edge.load`, no torch on that path) and asked about
-held-out test images. Quantization and the demo join this command as they land (README.md says
-which exist). A stage whose output exists is kept, so a second run is quick.
+1. the default `tiny-shapes` model trained from nothing (`train_preset`: shapes data, tokenizer,
+   both stages, evaluation on the held-out test split);
+2. exported to the 16-bit edge bundle (`export_bundle`: vision ONNX + LLM GGUF + mmproj, checked
+   against PyTorch);
+3. that bundle quantized to 4 bits (`quantize_to_bits`: the preset `tinyllava-export --bits 4`
+   writes, checked against the 16-bit bundle);
+4. both bundles loaded through the edge runtime (`tinyllava_edge.load`, no torch on that path)
+   and asked the same held-out test questions: size, accuracy and speed side by side;
+5. the demo page, with both bundles and the checkpoint as its variants.
 
+A stage whose output exists is kept (a second run is quick), unless an earlier stage was redone.
 The model is trained here rather than shipped: about eight minutes on two cores, deterministic
 with the seed, and it is the training path users run for their own variants.
 """
@@ -16,27 +20,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
+from tinyllava_edge.bundle import MANIFEST_NAME
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.sizes import human_size
 
 DEFAULT_WORKDIR = Path("runs") / "tiny-shapes"
 BUNDLE = "bundle"  # the 16-bit edge bundle, under the workdir
+QUANT_BITS = 4
+BUNDLE_QUANT = f"bundle-{QUANT_BITS}bit"  # the same bundle quantized: what `tinyllava-export --bits 4` writes
+SAMPLES_SHOWN = 5
+MAX_NEW_TOKENS = 8  # the shapes benchmark's answer length
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="tinyllava-edge",
-        description="Run the tinyllava-edge pipeline on the built-in tiny-shapes default.",
+        description="Run the tinyllava-edge pipeline on the built-in tiny-shapes default: train, export the 16-bit "
+                    f"bundle, quantize it to {QUANT_BITS} bits, compare both on held-out questions, serve the demo.",
     )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                         help=f"where every stage writes its output (default: {DEFAULT_WORKDIR})")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and weights (default: 0)")
     parser.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
-    parser.add_argument("--questions", type=int, default=5, help="test questions to ask at the end (default: 5)")
+    parser.add_argument("--questions", type=int,
+                        help="held-out test questions both bundles answer (default: the whole test split)")
     parser.add_argument("--no-demo", action="store_true",
                         help="end after the summary instead of serving the demo page")
     parser.add_argument("--port", type=int, default=7860, help="the demo's port on 127.0.0.1 (default: 7860)")
@@ -58,33 +71,44 @@ def run(args: argparse.Namespace) -> dict:
     work: Path = args.workdir
     if work.exists() and not work.is_dir():
         raise TinyLlavaError(f"--workdir {work} is a file; expected a directory")
+    if args.questions is not None and args.questions < 1:
+        raise TinyLlavaError(f"--questions must be at least 1, got {args.questions}")
     summary: dict = {"workdir": str(work), "stages": []}
     data_dir, model_dir = work / "data", work / "model"
-    bundle_dir = work / BUNDLE
+    bundle_dir, quant_dir = work / BUNDLE, work / BUNDLE_QUANT
     stages = (
         ("train", work / SUMMARY_FILE,
-         "[1/3] train the default tiny-shapes model from nothing (data, tokenizer, two stages, evaluation) ...",
+         "[1/4] train the default tiny-shapes model from nothing (data, tokenizer, two stages, evaluation) ...",
          "trained", lambda: train_preset("tiny-shapes", work, seed=args.seed, overwrite=True,
                                          log=lambda line: print("  " + line, flush=True),
                                          **(QUICK if args.quick else {}))),
-        ("export", bundle_dir / "manifest.json",
-         "[2/3] export the model to a 16-bit edge bundle (vision ONNX + LLM GGUF + mmproj), checked against PyTorch ...",
+        ("export", bundle_dir / MANIFEST_NAME,
+         "[2/4] export the model to a 16-bit edge bundle (vision ONNX + LLM GGUF + mmproj), checked against "
+         "PyTorch ...",
          "exported", lambda: _export(model_dir, bundle_dir)),
+        ("quantize", quant_dir / MANIFEST_NAME,
+         f"[3/4] quantize the 16-bit bundle to {QUANT_BITS} bits (what tinyllava-export --bits {QUANT_BITS} writes), "
+         "checked against it ...",
+         "quantized", lambda: _quantize(bundle_dir, quant_dir)),
     )
+    redo = args.force
     for name, marker, message, built, build in stages:
         t = time.perf_counter()
-        state = "kept"  # a stage whose output exists is not redone unless --force
-        if args.force or not marker.is_file():
+        state = "kept"  # a stage whose output exists is not redone unless --force or an earlier stage was
+        if redo or not marker.is_file():
             print(message, flush=True)
             build()
-            state = built
+            state, redo = built, True
         summary["stages"].append((name, state, marker.parent, time.perf_counter() - t))
     summary["recipe"] = json.loads((work / SUMMARY_FILE).read_text(encoding="utf-8"))
 
     t = time.perf_counter()
-    print("[3/3] load the bundle through the edge runtime and ask held-out test questions ...", flush=True)
-    summary["answers"], summary["model_info"] = _ask(bundle_dir, data_dir, args.questions)
-    summary["stages"].append(("runtime answers", "ran", bundle_dir, time.perf_counter() - t))
+    summary["questions"] = questions = _questions(data_dir, args.questions)
+    print(f"[4/4] load both bundles through the edge runtime and ask the same {len(questions)} held-out test "
+          "questions ...", flush=True)
+    summary["runs"] = {name: _ask(path, questions) for name, path in (("16-bit", bundle_dir),
+                                                                       (f"{QUANT_BITS}-bit", quant_dir))}
+    summary["stages"].append(("runtime answers", "ran", None, time.perf_counter() - t))
     return summary
 
 
@@ -94,45 +118,116 @@ def _export(model_dir: Path, bundle_dir: Path) -> None:
     export_bundle(model_dir, bundle_dir, fmt="gguf", bits=16, overwrite=True, progress=False)
 
 
-def _ask(bundle_dir: Path, data_dir: Path, n: int) -> tuple[list[dict], dict]:
+def _quantize(bundle_dir: Path, quant_dir: Path) -> None:
+    from tinyllava_edge.quant.bundle import quantize_to_bits
+
+    quantize_to_bits(bundle_dir, quant_dir, QUANT_BITS, overwrite=True, progress=False)
+
+
+def _questions(data_dir: Path, n: int | None) -> list[dict]:
+    """The first `n` records (all: None) of the held-out test split: (image, question, expected answer)."""
+    records = json.loads((data_dir / "test.json").read_text(encoding="utf-8"))[:n]
+    return [{"image": data_dir / r["image"], "question": r["conversations"][0]["value"].replace("<image>\n", ""),
+             "expected": r["conversations"][1]["value"]} for r in records]
+
+
+def _ask(bundle_dir: Path, questions: list[dict]) -> dict:
+    """One bundle through the edge runtime: its answers, accuracy, speed and the sizes of what it runs."""
     from tinyllava_edge import load
-    from tinyllava_edge.export import read_manifest
+    from tinyllava_edge.bundle import files_by_role, read_manifest
+    from tinyllava_edge.eval.metrics import exact_match_text
 
     manifest = read_manifest(bundle_dir)
+    started = time.perf_counter()
     vlm = load(bundle_dir, device="cpu")
-    records = json.loads((data_dir / "test.json").read_text(encoding="utf-8"))[:n]
-    answers = []
-    for rec in records:
-        question = rec["conversations"][0]["value"].replace("<image>\n", "")
-        text, stats = vlm.generate(data_dir / rec["image"], question, max_new_tokens=8, return_stats=True)
-        answers.append({"question": question, "expected": rec["conversations"][1]["value"], "answer": text.strip(),
-                        "ttft_ms": stats.ttft_ms})
-    model = manifest["model"]
-    llm = next(f for f in manifest["files"] if f["role"] == "llm")
-    info = {"image_tokens": model["image_tokens"], "llm": f"{llm['name']} ({human_size(llm['size'])})",
-            "validation": manifest.get("validation", {})}
-    return answers, info
+    load_ms = (time.perf_counter() - started) * 1e3
+    answers, stats = [], []
+    try:
+        for q in questions:
+            text, s = vlm.generate(q["image"], q["question"], max_new_tokens=MAX_NEW_TOKENS, return_stats=True)
+            answers.append(text.strip())
+            stats.append(s)
+        threads = vlm.info().get("n_threads")
+    finally:
+        vlm.close()
+    llm = files_by_role(manifest, "llm")[0]
+    vision = next(f for f in files_by_role(manifest, "vision") if f["quant"] == manifest.get("vision_default", "fp32"))
+    right = sum(exact_match_text(a) == exact_match_text(q["expected"]) for a, q in zip(answers, questions))
+    decode_tokens = sum(max(0, s.decode_tokens - 1) for s in stats)
+    decode_ms = sum(s.decode_ms for s in stats)
+    return {
+        "path": str(bundle_dir), "llm": llm["name"], "vision": vision["name"], "answers": answers,
+        "runs_bytes": llm["size"] + vision["size"], "disk_bytes": _disk_bytes(bundle_dir),
+        "correct": right, "exact_match": 100.0 * right / len(questions), "load_ms": load_ms,
+        # a question about an image asked before skips its encoding and most of the prefill
+        "ttft_new_ms": _median([s.ttft_ms for s in stats if not s.image_cache_hits]),
+        "ttft_seen_ms": _median([s.ttft_ms for s in stats if s.image_cache_hits]),
+        "answer_ms": statistics.median(s.total_ms for s in stats),
+        "decode_tokens_per_s": decode_tokens / (decode_ms / 1e3) if decode_ms > 0 else None,
+        "threads": threads,
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def comparison_lines(runs: dict[str, dict], questions: list[dict]) -> list[str]:
+    """The bundles side by side: what runs and its size, accuracy, agreement and speed."""
+    names = list(runs)
+    first = runs[names[0]]
+
+    def row(label: str, cells: list[str]) -> str:
+        return (f"    {label:<24}" + "".join(f"{c:<36}" for c in cells)).rstrip()
+
+    def each(fn) -> list[str]:
+        return [fn(runs[n]) for n in names]
+
+    n = len(questions)
+    lines = [row("", names),
+             row("LLM + vision graph", each(lambda r: f"{r['llm']} + {r['vision']}")),
+             row("size they take", each(lambda r: human_size(r["runs_bytes"]))),
+             row("bundle on disk", each(lambda r: human_size(r["disk_bytes"]))),
+             row("exact match", each(lambda r: f"{r['exact_match']:.1f} % ({r['correct']}/{n})")),
+             row(f"same answer as {names[0]}",
+                 each(lambda r: f"{sum(a == b for a, b in zip(r['answers'], first['answers']))}/{n}")),
+             row("first token, new image", each(lambda r: _ms(r["ttft_new_ms"]))),
+             row("first token, same image", each(lambda r: _ms(r["ttft_seen_ms"]))),
+             row("whole answer", each(lambda r: _ms(r["answer_ms"])))]
+    if any(r["decode_tokens_per_s"] for r in runs.values()):  # one-token answers have no decode phase
+        lines.append(row("decode", each(lambda r: f"{r['decode_tokens_per_s']:.0f} tok/s"
+                                        if r["decode_tokens_per_s"] else "-")))
+    lines.append(row("load", each(lambda r: f"{r['load_ms']:.0f} ms")))
+    lines.append(f"  {min(SAMPLES_SHOWN, n)} of the questions:")
+    for i, q in enumerate(questions[:SAMPLES_SHOWN]):
+        got = ", ".join(f"{name} {runs[name]['answers'][i]!r}" for name in names)
+        lines.append(f"    Q: {q['question']}  expected {q['expected']!r}; {got}")
+    return lines
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.1f} ms (median)" if value is not None else "-"
 
 
 def print_summary(summary: dict) -> None:
     print("\ntinyllava-edge pipeline summary")
     for name, state, path, seconds in summary["stages"]:
-        print(f"  {name:<16} {state:<18} {seconds:6.1f} s  {path}  ({human_size(_disk_bytes(Path(path)))})")
-    info = summary["model_info"]
+        where = f"  {path}  ({human_size(_disk_bytes(Path(path)))})" if path is not None else ""
+        print(f"  {name:<16} {state:<18} {seconds:6.1f} s{where}")
+    runs = summary["runs"]
     first = next(iter(summary["recipe"]["stages"].values()))
-    print(f"  model: {first['parameters']['total'] / 1e6:.2f} M parameters, {info['image_tokens']} image tokens; "
-          f"edge bundle LLM {info['llm']}")
+    print(f"  model: {first['parameters']['total'] / 1e6:.2f} M parameters, trained in "
+          f"{summary['recipe']['train_wall_seconds']:.0f} s wall time")
     ev = summary["recipe"].get("eval")
     if ev:
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in ev["per_kind"].items())
-        print(f"  held-out test split ({ev['n']} questions): exact match {ev['exact_match']:.1f} % ({kinds})")
-    print(f"  trained in {summary['recipe']['train_wall_seconds']:.0f} s wall time")
-    right = sum(a["answer"] == a["expected"] for a in summary["answers"])
-    print(f"  sample questions answered correctly: {right}/{len(summary['answers'])}")
-    for a in summary["answers"]:
-        print(f"    Q: {a['question']}  expected: {a['expected']!r}  got: {a['answer']!r}  "
-              f"(TTFT {a['ttft_ms']:.0f} ms)")
-    print("  not built yet in this command: quantization")
+        print(f"  checkpoint (PyTorch) on the held-out test split ({ev['n']} questions): exact match "
+              f"{ev['exact_match']:.1f} % ({kinds})")
+    questions = summary["questions"]
+    threads = next(iter(runs.values()))["threads"]
+    print(f"  the bundles on the same {len(questions)} held-out test questions, edge runtime on the CPU"
+          f"{f' ({threads} threads)' if threads else ''}, image cache on:")
+    print("\n".join(comparison_lines(runs, questions)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(err)
     print_summary(summary)
     if args.no_demo:
-        print(f"\n  next: tinyllava-demo --model {Path(summary['workdir']) / BUNDLE}  (the demo page)")
+        print(f"\n  next: tinyllava-demo --model {summary['workdir']}  (the demo page, every bundle and checkpoint "
+              "in it as a variant)")
         print(server_hint(Path(summary["workdir"])))
         return 0
     return _serve_demo(Path(summary["workdir"]), args.port)
@@ -161,16 +257,17 @@ def server_hint(work: Path) -> str:
 
 
 def _serve_demo(work: Path, port: int) -> int:
-    """The last step: the Gradio demo over the edge bundle and the checkpoint it came from."""
+    """The last step: the Gradio demo over both bundles and the checkpoint they came from."""
     from tinyllava_edge.apps.variants import discover
     from tinyllava_edge.cli.demo import build_parser as demo_parser
     from tinyllava_edge.cli.demo import serve
 
     try:
-        variants = [*discover(work / BUNDLE), *discover(work / "model")]
+        variants = [*discover(work / BUNDLE), *discover(work / BUNDLE_QUANT), *discover(work / "model")]
     except USER_ERRORS as err:
         return fail(err)
-    print("\n[demo] serving the demo page; the bundle and the torch checkpoint are its two variants", flush=True)
+    print(f"\n[demo] serving the demo page; the 16-bit bundle, the {QUANT_BITS}-bit bundle and the torch checkpoint "
+          "are its variants", flush=True)
     print(server_hint(work), flush=True)
     return serve(variants, demo_parser().parse_args(["--port", str(port)]))
 

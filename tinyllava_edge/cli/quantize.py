@@ -1,6 +1,7 @@
 """``tinyllava-quantize``: a 16/32-bit bundle -> a new bundle with a quantized LLM GGUF (llama.cpp's
-quantizer), the mmproj at Q8_0 and optional quantized vision graphs; or (``--torch gptq``) a
-checkpoint -> a checkpoint whose LLM is GPTQ 4-bit (GPTQModel, CPU; needs .venv-gptq).
+quantizer), the mmproj at Q8_0 and optional quantized vision graphs (`--bits N`: the same preset,
+and so the same bundle, as `tinyllava-export --bits N`); or (``--torch gptq``) a checkpoint -> a
+checkpoint whose LLM is GPTQ 4-bit (GPTQModel, CPU; needs .venv-gptq).
 
 A thin layer over :func:`tinyllava_edge.quant.bundle.quantize_bundle` and
 :func:`tinyllava_edge.quant.torch_gptq.quantize_gptq`; their defaults are the library's.
@@ -12,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.sizes import human_size
 
 TORCH_CHOICES = ("gptq",)  # written to disk; bnb nf4/fp4/int8 apply at load time (tinyllava_edge.load)
 BUNDLE_ONLY = ("quant", "onnx", "vision_default", "keep_mmproj")
@@ -21,11 +23,14 @@ TORCH_ONLY = ("checkpoint", "data", "group_size", "samples", "seq_len")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # The choices come from the quant stage's registries (numpy is the heaviest import here).
+    # The lists come from where they are defined (numpy is the heaviest import here).
     from tinyllava_edge.quant.bundle import DEFAULT_QUANT
     from tinyllava_edge.quant.gguf import GGUF_TYPES
     from tinyllava_edge.quant.onnx import ONNX_SCHEMES
+    from tinyllava_edge.quant.precisions import BIT_PRESETS
 
+    presets = "; ".join(f"{p.bits} -> {p.llm} LLM, {p.mmproj} mmproj, {' + '.join(p.vision)} vision graphs"
+                        for p in map(BIT_PRESETS.get, BIT_PRESETS.keys()))
     # int4-gptq needs calibration images, which only the library call takes
     onnx_schemes = [name for name in ONNX_SCHEMES.keys() if not ONNX_SCHEMES.get(name).needs_calibration]
     parser = ArgumentParser(
@@ -39,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path,
                         help="bundle (or, with --torch, checkpoint) directory to create")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--quant", choices=GGUF_TYPES.keys(), help=f"GGUF type (default {DEFAULT_QUANT})")
-    what.add_argument("--bits", type=int, help="bundle: 8 -> Q8_0, 4 -> Q4_K_M; --torch gptq: 4 (the default)")
+    what.add_argument("--quant", choices=GGUF_TYPES.keys(), help=f"GGUF type of the LLM (default {DEFAULT_QUANT})")
+    what.add_argument("--bits", type=int, help=f"bundle, what tinyllava-export --bits writes: {presets}; --torch gptq: "
+                                               "4 (the default)")
     parser.add_argument("--onnx", action="append", default=[], choices=onnx_schemes,
-                        help="add a quantized vision graph (repeatable)")
+                        help="add a quantized vision graph (repeatable; with --bits: instead of the preset's)")
     parser.add_argument("--vision-default", help="vision graph the runtime runs by default (fp32, int8, int4, ...)")
     parser.add_argument("--keep-mmproj", action="store_true", help="copy the mmproj as it is (default: Q8_0)")
     torch = parser.add_argument_group("torch checkpoints (--torch gptq)")
@@ -90,10 +96,14 @@ def run(args: argparse.Namespace) -> dict:
                                      ("n_samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
         return torch_gptq.quantize_gptq(args.checkpoint, args.out, data=args.data, verify=not args.no_verify,
                                         overwrite=args.overwrite, progress=not args.quiet, **options)
-    from tinyllava_edge.quant.bundle import quantize_bundle, resolve_quant
+    from tinyllava_edge.quant.bundle import DEFAULT_QUANT, preset_options, quantize_bundle
 
-    return quantize_bundle(args.bundle, args.out, quant=resolve_quant(args.quant, args.bits), onnx=tuple(args.onnx),
-                           vision_default=args.vision_default, mmproj=None if args.keep_mmproj else "Q8_0",
+    options = preset_options(args.bits) if args.bits is not None else {"quant": args.quant or DEFAULT_QUANT}
+    if args.onnx:
+        options["onnx"] = tuple(args.onnx)
+    if args.keep_mmproj:
+        options["mmproj"] = None
+    return quantize_bundle(args.bundle, args.out, **options, vision_default=args.vision_default,
                            verify=not args.no_verify, overwrite=args.overwrite, progress=not args.quiet)
 
 

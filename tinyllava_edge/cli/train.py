@@ -13,8 +13,9 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, human_size
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.sizes import human_size
 
 EXAMPLES = """\
 examples:

@@ -57,8 +57,8 @@ from typing import Callable, Iterator, Mapping, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..constants import DEFAULT_IMAGE_TOKEN
-from ..errors import DataError
+from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+from tinyllava_edge.errors import DataError
 
 GENERATOR_NAME = "tinyllava_edge.data.shapes"  # written to meta.json; marks our datasets
 # 2: grey background, outlined shapes, instruct.json; 3: instruct turns (caption last, extra);

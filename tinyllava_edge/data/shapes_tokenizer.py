@@ -33,7 +33,7 @@ BYTE_ALPHABET_SIZE = 256
 DEFAULT_VOCAB_SIZE = 512
 MODEL_MAX_LENGTH = 2048
 
-# The TinyLLaVA_Factory "main" template (tinyllava/data/template/); see DESIGN.md, Templates.
+# The TinyLLaVA_Factory "main" template (tinyllava/data/template/); see docs/architecture.md, facts.
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, fields
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from ..errors import DataError, TinyLlavaError
-from ..registry import Registry
+from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from tinyllava_edge.errors import DataError, TinyLlavaError
+from tinyllava_edge.registry import Registry
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ any object with ``model_id``, ``batch_size`` and ``predict(requests) -> list[str
 """
 
 # Each benchmark module registers its benchmarks in BENCHMARKS when imported: explicitly here.
-from . import mmvet, scienceqa, shapes, vqa, yesno  # noqa: F401
-from .benchmark import BENCHMARKS, Benchmark, Truth, get_benchmark
-from .formats import Answer, BadData, BadRecordError, Question, Sources, read_answers
-from .normalize import normalize_answer
-from .predictor import Predictor, Request, RuntimePredictor, TorchPredictor
-from .runner import ANSWERS_FILE, MARKDOWN_FILE, RESULTS_FILE, run_benchmark, score_answers
+from tinyllava_edge.eval import mmvet, scienceqa, shapes, vqa, yesno  # noqa: F401
+from tinyllava_edge.eval.benchmark import BENCHMARKS, Benchmark, Truth, get_benchmark
+from tinyllava_edge.eval.formats import Answer, BadData, BadRecordError, Question, Sources, read_answers
+from tinyllava_edge.eval.normalize import normalize_answer
+from tinyllava_edge.eval.predictor import Predictor, Request, RuntimePredictor, TorchPredictor
+from tinyllava_edge.eval.runner import ANSWERS_FILE, MARKDOWN_FILE, RESULTS_FILE, run_benchmark, score_answers
 
 __all__ = [
     "ANSWERS_FILE",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping
 
-from ..errors import DataError
+from tinyllava_edge.errors import DataError
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."  # LLaVA docs/Evaluation.md
 MAX_REPORTED_SKIPS = 50  # skips listed one by one in the results; all are counted

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.shapes import CELL_NAMES, ShapeObject, ShapesConfig, scenes
-from .metrics import exact_match_text, percent
+from tinyllava_edge.data.shapes import CELL_NAMES, ShapeObject, ShapesConfig, scenes
+from tinyllava_edge.eval.metrics import exact_match_text, percent
 
 PROBES = ("where", "shape", "colour")
 

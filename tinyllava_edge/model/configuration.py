@@ -13,7 +13,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from tinyllava_edge.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 SELECT_STRATEGIES = ("patch", "cls_patch")
 ASPECT_RATIOS = ("square", "pad")

@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import TinyLlavaError
-from ..registry import Registry
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
 
 # A builder takes (connector_type, vision width, LLM width) and returns the inner module.
 CONNECTORS: Registry[Callable[[str, int, int], nn.Module]] = Registry("connector")

@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, TinyLlavaError
+from tinyllava_edge.errors import CheckpointError, TinyLlavaError
 
 GPTQ_LLM_DIR = "language_model"
 QUANTIZATION_RECORD = "quantization.json"
@@ -166,7 +166,7 @@ def attach_gptq_llm(model, state: dict, where: Path, llm_dir: Path, dtype: Any =
     Checks that the LLM holds as many quantized linears as `quantization.json` recorded; returns that
     record with the layer classes found under `layers`.
     """
-    from .checkpoint import load_state
+    from tinyllava_edge.model.checkpoint import load_state
 
     import_gptqmodel()  # without it, the one sentence naming setup-gptq.sh before anything else
     record = read_quantization_record(where)

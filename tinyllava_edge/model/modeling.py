@@ -20,11 +20,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from .configuration import TinyLlavaConfig
-from .connector import Connector
-from .llm import family_for
-from .vision import VisionTower
+from tinyllava_edge.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from tinyllava_edge.model.configuration import TinyLlavaConfig
+from tinyllava_edge.model.connector import Connector
+from tinyllava_edge.model.llm import family_for
+from tinyllava_edge.model.vision import VisionTower
 
 
 class TinyLlavaPreTrainedModel(PreTrainedModel):
@@ -92,7 +92,7 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
     @property
     def image_features_scale(self) -> float:
         """The factor image rows get in `inputs_embeds` (the LLM's own input-embedding scale, Gemma)."""
-        from .llm import family_for
+        from tinyllava_edge.model.llm import family_for
 
         if self.config.scale_image_features is False or not family_for(self.config.llm_family).scale_image_features:
             return 1.0
@@ -263,8 +263,8 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
         `device`/`device_map` (one device), `subfolder`, `output_loading_info`,
         `attn_implementation`; hub download options have nothing to fetch for a folder).
         """
-        from .checkpoint import load_checkpoint
-        from .load_options import resolve_options
+        from tinyllava_edge.model.checkpoint import load_checkpoint
+        from tinyllava_edge.model.load_options import resolve_options
 
         if args:
             raise TypeError("from_pretrained takes the checkpoint path and keyword options only")
@@ -281,6 +281,6 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **kwargs: Any) -> None:
         """Write the Factory layout (config.json + model.safetensors); other HF options are ignored."""
-        from .checkpoint import save_checkpoint
+        from tinyllava_edge.model.checkpoint import save_checkpoint
 
         save_checkpoint(self, save_directory, state_dict=state_dict)

@@ -23,7 +23,7 @@ class Preset:
     vision: Mapping[str, Any]
     connector_type: str = "mlp2x_gelu"
     # Our own towers have no CLS token: keep every patch (`cls_patch`), unlike the released
-    # SigLIP models that drop patch 0 (DESIGN.md).
+    # SigLIP models that drop patch 0 (docs/architecture.md, facts).
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "cls_patch"
     extra: Mapping[str, Any] = field(default_factory=dict)

@@ -11,13 +11,13 @@ llama-cpp-python only, never torch); a checkpoint on transformers (``TorchBacken
 Nothing in this package imports torch at module level.
 """
 
-from .backend import BACKENDS
-from .chat import OVERFLOW_POLICIES, ChatSession
-from .devices import DEVICES, DevicePlan, Hardware, Probes, detect, plan_device
-from .loader import backend_kind, load
-from .sampling import sampling_params
-from .stats import GenerationStats
-from .vlm import VLM
+from tinyllava_edge.runtime.backend import BACKENDS
+from tinyllava_edge.runtime.chat import OVERFLOW_POLICIES, ChatSession
+from tinyllava_edge.runtime.devices import DEVICES, DevicePlan, Hardware, Probes, detect, plan_device
+from tinyllava_edge.runtime.loader import backend_kind, load
+from tinyllava_edge.runtime.sampling import sampling_params
+from tinyllava_edge.runtime.stats import GenerationStats
+from tinyllava_edge.runtime.vlm import VLM
 
 __all__ = [
     "BACKENDS",

@@ -18,10 +18,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..data.preprocess import PreprocessConfig
-from ..data.template import Template
-from ..errors import TinyLlavaError
-from ..registry import Registry
+from tinyllava_edge.data.preprocess import PreprocessConfig
+from tinyllava_edge.data.template import Template
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
 
 
 class Detokenizer(Protocol):
@@ -77,12 +77,12 @@ class _LazyBackend:
         self.module, self.name = module, name
 
     def __call__(self, *args, **kwargs):
-        return getattr(import_module(self.module, __package__), self.name)(*args, **kwargs)
+        return getattr(import_module(self.module), self.name)(*args, **kwargs)
 
 
 BACKENDS: Registry[Any] = Registry("runtime backend")
-BACKENDS.add("edge", _LazyBackend(".edge", "EdgeBackend"))
-BACKENDS.add("torch", _LazyBackend(".torch_backend", "TorchBackend"))
+BACKENDS.add("edge", _LazyBackend("tinyllava_edge.runtime.edge", "EdgeBackend"))
+BACKENDS.add("torch", _LazyBackend("tinyllava_edge.runtime.torch_backend", "TorchBackend"))
 
 
 def check_options(kind: str, given: dict, known: Sequence[str]) -> None:

@@ -35,14 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import IMAGE_TOKEN_INDEX
-from ..data.template import tokenizer_image_token
-from ..errors import TinyLlavaError
-from ..llamacpp import split_segments
-from .backend import positions
-from .sampling import sampling_params
-from .stats import GenerationStats
-from .vlm import DEFAULT_MAX_NEW_TOKENS, VLM, check_prompt, question_text
+from tinyllava_edge.constants import IMAGE_TOKEN_INDEX
+from tinyllava_edge.data.template import tokenizer_image_token
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.llamacpp import split_segments
+from tinyllava_edge.runtime.backend import positions
+from tinyllava_edge.runtime.sampling import sampling_params
+from tinyllava_edge.runtime.stats import GenerationStats
+from tinyllava_edge.runtime.vlm import DEFAULT_MAX_NEW_TOKENS, VLM, check_prompt, question_text
 
 OVERFLOW_POLICIES = ("drop_oldest", "error")
 

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import TinyLlavaError
+from tinyllava_edge.errors import TinyLlavaError
 
 DEVICES = ("auto", "cpu", "cuda", "jetson")
 CPU_EP = "CPUExecutionProvider"

@@ -1,6 +1,6 @@
 """`EdgeBackend`: a bundle run with onnxruntime (vision + connector) and llama.cpp (the LLM).
 
-Reads the bundle through :func:`tinyllava_edge.export.manifest.read_manifest` (which refuses a
+Reads the bundle through :func:`tinyllava_edge.bundle.read_manifest` (which refuses a
 changed, incomplete or self-contradicting bundle), then:
 
 * the image: the manifest's preprocessing, the bundle's ``vision.onnx`` (``pixel_values`` ->
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.preprocess import PreprocessConfig
-from ..data.template import Template, get_template
-from ..errors import TinyLlavaError
-from ..export.manifest import files_by_role, read_manifest
-from ..llamacpp import FLASH_ATTN, KV_TYPES, LlamaCppModel, LlamaCppTokenizer
-from .backend import check_options, check_segments, stop_token_ids
-from .devices import TENSORRT_EP, detect, plan_device
+from tinyllava_edge.bundle import files_by_role, read_manifest
+from tinyllava_edge.data.preprocess import PreprocessConfig
+from tinyllava_edge.data.template import Template, get_template
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.llamacpp import FLASH_ATTN, KV_TYPES, LlamaCppModel, LlamaCppTokenizer
+from tinyllava_edge.runtime.backend import check_options, check_segments, stop_token_ids
+from tinyllava_edge.runtime.devices import TENSORRT_EP, detect, plan_device
 
 OPTIONS = ("n_threads", "n_ctx", "n_gpu_layers", "kv_type", "flash_attn", "vision", "check_hashes", "template",
            "prefix_cache_mb", "probes")

@@ -18,12 +18,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tinyllava_edge.bundle import MANIFEST_NAME
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.runtime.backend import BACKENDS
 from tinyllava_edge.runtime.vlm import VLM
 
 VLM_OPTIONS = ("image_cache_size", "vision_batch_size", "allow_truncated_images")
-MANIFEST = "manifest.json"  # export/manifest.py MANIFEST_NAME
 CONFIG = "config.json"
 
 
@@ -36,11 +36,11 @@ def backend_kind(path: str | os.PathLike) -> str:
     if not folder.is_dir():
         raise TinyLlavaError(f"model path {folder} is a file; expected a bundle directory (manifest.json) or a "
                              "checkpoint directory (config.json)")
-    if (folder / MANIFEST).is_file():
+    if (folder / MANIFEST_NAME).is_file():
         return "edge"
     if (folder / CONFIG).is_file():
         return "torch"
-    raise TinyLlavaError(f"{folder} is neither a bundle (no {MANIFEST}) nor a checkpoint (no {CONFIG})")
+    raise TinyLlavaError(f"{folder} is neither a bundle (no {MANIFEST_NAME}) nor a checkpoint (no {CONFIG})")
 
 
 def load(path: str | os.PathLike, device: str = "auto", **options) -> VLM:

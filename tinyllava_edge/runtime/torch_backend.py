@@ -19,24 +19,24 @@ from types import MappingProxyType
 
 import numpy as np
 
-from ..data.preprocess import PreprocessConfig
-from ..data.template import default_template_for_family, get_template
-from ..errors import TinyLlavaError
-from .backend import check_options, check_segments, stop_token_ids
-from .devices import JETSON_MARKER
+from tinyllava_edge.data.preprocess import PreprocessConfig
+from tinyllava_edge.data.template import default_template_for_family, get_template
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.runtime.backend import check_options, check_segments, stop_token_ids
+from tinyllava_edge.runtime.devices import DEVICES, JETSON_MARKER
 
 OPTIONS = ("dtype", "quantization", "quantize_vision", "n_threads", "n_ctx", "template")
 DTYPES = MappingProxyType({"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"})
-# Quantized torch loading comes from the quantization stage (quant/torch_bnb.py: TORCH_SCHEMES,
-# bitsandbytes nf4 / fp4 / int8, applied at load time). GPTQ is not applied at load time: a
+# Quantized torch loading belongs to the model package (model/bnb.py: TORCH_SCHEMES, bitsandbytes
+# nf4 / fp4 / int8, applied at load time), so the runtime depends on model only. GPTQ is not applied at load time: a
 # checkpoint written by `tinyllava-quantize --torch gptq` holds its LLM GPTQ-quantized and loads as
 # it is (model/gptq.py, needs GPTQModel: .venv-gptq).
 
 
 def _torch_device(device: str, torch) -> str:
     """cpu | cuda | jetson | auto -> the device name (cpu or cuda), or one sentence saying what was found."""
-    if device not in ("auto", "cpu", "cuda", "jetson"):
-        raise TinyLlavaError(f"device {device!r} is not one of auto, cpu, cuda, jetson")
+    if device not in DEVICES:
+        raise TinyLlavaError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     has_cuda = torch.cuda.is_available()
     if device == "jetson":
         model = Path("/proc/device-tree/model")
@@ -109,14 +109,14 @@ class TorchBackend:
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", **options):
         check_options(self.kind, options, OPTIONS)
-        from ..model.gptq import gptq_llm_dir
+        from tinyllava_edge.model.gptq import gptq_llm_dir
 
         gptq = gptq_llm_dir(path) is not None  # the LLM is stored GPTQ-quantized (model/gptq.py)
         quantization = options.get("quantization")
         if quantization == "gptq" and gptq:
             quantization = None  # what the checkpoint holds: loaded as it is
         elif quantization is not None:
-            from ..quant.torch_bnb import GPTQ_REASON, torch_scheme
+            from tinyllava_edge.model.bnb import GPTQ_REASON, torch_scheme
 
             if quantization == "gptq":
                 raise TinyLlavaError(f"{path} holds no GPTQ LLM; {GPTQ_REASON}")
@@ -131,7 +131,7 @@ class TorchBackend:
             raise TinyLlavaError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         import torch
 
-        from ..model import TinyLlavaForConditionalGeneration, load_tokenizer
+        from tinyllava_edge.model import TinyLlavaForConditionalGeneration, load_tokenizer
 
         self._torch = torch
         self.path = Path(path)
@@ -151,7 +151,7 @@ class TorchBackend:
             self.model = TinyLlavaForConditionalGeneration.from_pretrained(self.path, dtype=self.dtype,
                                                                            device=self.device).eval()
         else:
-            from ..quant.torch_bnb import load_quantized
+            from tinyllava_edge.model.bnb import load_quantized
 
             self.model = load_quantized(self.path, quantization, vision=bool(options.get("quantize_vision")),
                                         device=self.device, dtype=self.dtype)

@@ -54,8 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import TinyLlavaError
-from ..registry import Registry
+from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.registry import Registry
 
 # -- split regexes (the GGUF writer needs them as `tokenizer.ggml.pre` names) ------------------
 

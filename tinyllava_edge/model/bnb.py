@@ -1,4 +1,4 @@
-"""Quantized PyTorch loading of our checkpoints: bitsandbytes nf4 / fp4 / int8 (GPTQ: quant/torch_gptq.py).
+"""Quantized PyTorch loading of our checkpoints: bitsandbytes nf4 / fp4 / int8 (GPTQ: model/gptq.py).
 
     model = load_quantized("runs/model", "nf4")                    # LLM linears -> bnb Linear4bit
     model = load_quantized("runs/model", "int8", vision=True)       # tower + connector as well
@@ -12,7 +12,7 @@ memory; :func:`serialized_size` measures what it would take on disk).
 
 `lm_head` stays in full precision, as transformers' BitsAndBytesConfig leaves it by default
 (`llm_int8_skip_modules`): the logits' last projection is where 4-bit rounding costs most.
-bitsandbytes 0.50 runs all three schemes on CPU (DESIGN.md) and on CUDA.
+bitsandbytes 0.50 runs all three schemes on CPU (measured, docs/quality.md) and on CUDA.
 
 GPTQ is registered here too, but it is not applied at load time: it needs calibration data and
 GPTQModel, which lives in its own environment (scripts/setup-gptq.sh). `tinyllava-quantize --torch

@@ -1,13 +1,13 @@
-"""The bundle manifest: what `export_bundle` writes beside the model files, and reading it back.
+"""The edge bundle's format, owned here because every stage shares it: export writes bundles,
+quant turns one bundle into another, the runtime and the demo read them.
 
-`manifest.json` (format_version 1) ties the parts of a bundle together; the edge runtime reads
-it with :func:`read_manifest`, which refuses a bundle whose files were changed or lost, or whose
-parts disagree (image-embedding width, image-token count, image size), with one sentence naming
-both values. Layout (keys in order):
+A bundle is a directory of model files (vision ONNX graphs, the LLM GGUF, the stock-llama.cpp
+mmproj) and `manifest.json` (format_version 1), which ties the parts together. Layout (keys in
+order):
 
     format_version  1
     created         UTC time, ISO 8601
-    format, bits    what was asked: "gguf" | "onnx", 16 | 32 (quantized bits from the quant stage)
+    format, bits    what was asked: "gguf" | "onnx", 32 | 16 (export) or 8 | 4 ... (quant)
     source          {path, layout, sha256 (of the weights files together), files: [{name, size, sha256}]}
     model           {llm_family, llm_architecture, vision_tower, vision_model_type, connector,
                      hidden_size, image_tokens, image_token_index, vocab_size, tokenizer_size,
@@ -21,10 +21,23 @@ both values. Layout (keys in order):
     files           [{name, role, format, quant, size, sha256, ...role facts}]; roles:
                     vision (+ vision_weights for external ONNX data), llm, mmproj
     skipped         [{role, reason}]: parts that were not written and why
-    validation      {enabled, vision_onnx, llm, tokenizer, mmproj}: the measured figures
+    validation      {enabled, vision_onnx, llm, tokenizer, mmproj}: the figures measured at export
+    vision_default  (quantized bundles) the vision graph the runtime runs by default
+    quantization    (quantized bundles) what the quant stage did and the fidelity it measured
     tools           package versions that wrote the bundle
 
-No torch (or any model library) here: the runtime reads bundles with the standard library.
+:func:`read_manifest` refuses a bundle whose files were changed or lost, or whose parts disagree
+(image-embedding width, image-token count, image size), with one sentence naming both values.
+
+Writing one: `tinyllava_edge.staging.check_destination` first (with :func:`is_bundle`, it refuses
+to replace anything but a previous bundle); then a stage assembles the bundle in a staging folder
+beside the destination (`tinyllava_edge.atomic.staged_folder`), records each file with
+:func:`file_record`, writes the manifest with :func:`write_manifest`, and renames the folder into
+place (`tinyllava_edge.atomic.replace_folder`), so an interrupted or failed run leaves nothing at
+the destination. `tinyllava_edge.staging.source_record` hashes the checkpoint it came from.
+
+No torch (or any model library) here: the edge runtime reads bundles with the standard library.
+docs/architecture.md places this module among the stages.
 """
 
 from __future__ import annotations

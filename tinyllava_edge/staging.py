@@ -1,10 +1,11 @@
-"""What every export folder shares: the destination check, the source record and the tool versions
-each export records, and step lines.
+"""What every writer of an output folder shares: the destination check, the source record and the
+tool versions each one records, and step lines.
 
-Every writer of a folder (the edge bundle, the HF LLaVA folder, the quantization stage's bundles
-and GPTQ checkpoints) builds it in a staged folder beside the final path
+Every writer of a folder (export's edge bundle and HF LLaVA folder, the quantization stage's
+bundles and GPTQ checkpoints) builds it in a staged folder beside the final path
 (tinyllava_edge/atomic.py: staged_folder, replace_folder) and renames it into place only when it
-is complete: an interrupted or failed export leaves nothing at the final path.
+is complete: an interrupted or failed run leaves nothing at the final path. Here, beside the
+bundle format (tinyllava_edge/bundle.py), rather than in one stage: export and quant both use it.
 
 Standard library only: `tinyllava-export --help` stays fast.
 """
@@ -21,8 +22,8 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from tinyllava_edge.bundle import MANIFEST_NAME, is_bundle, sha256_file
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.export.manifest import sha256_file
 
 
 class Steps:
@@ -65,6 +66,11 @@ def check_destination(final: Path, overwrite: bool, *, what: str, is_ours: Calla
         if not is_ours(final):
             raise TinyLlavaError(f"output directory {final} is not empty and holds no {what} {record_name}; "
                                  "refusing to replace it")
+
+
+def check_bundle_destination(final: Path, overwrite: bool) -> None:
+    """:func:`check_destination` for an edge bundle: only a previous bundle may be replaced."""
+    check_destination(final, overwrite, what="bundle", is_ours=is_bundle, record_name=MANIFEST_NAME)
 
 
 def source_record(source: Path, layout: str) -> dict:

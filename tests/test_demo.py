@@ -280,7 +280,7 @@ def test_browser(server, reference, bad_files, tmp_path):
             # a text file renamed .png: one sentence in the page, and the app goes on serving
             page.locator("#image button[aria-label='Remove Image']").first.click()
             page.locator("#image input[type=file]").set_input_files(str(bad_files["text"]))
-            expect(page.locator("#status")).to_contain_text("is not an image", timeout=30_000)
+            expect(page.locator("#status")).to_contain_text("cannot be read as an image", timeout=30_000)
             page.locator("#examples button, #examples td").first.click()
             expect(page.locator("#image img")).to_have_count(1, timeout=30_000)
             page.locator("#clear").click()

@@ -104,15 +104,21 @@ class Worker:
         while (job := self._inbox.get()) is not None:
             began = time.perf_counter()
             self.current = job
+            last = None
             try:
-                self._answer(job)
+                last = self._answer(job)
             finally:
                 self.current = None
-                self._pool.finished(self, time.perf_counter() - began)
+                # the job's last event travels with the worker's release, in one event-loop
+                # callback: a client that asks its follow-up the moment it has the answer finds
+                # this worker idle, and so the worker that holds its image
+                self._pool.finished(self, time.perf_counter() - began, job, last)
 
-    def _answer(self, job: Job) -> None:
+    def _answer(self, job: Job) -> tuple[str, object] | None:
+        """Answer `job`, its pieces emitted as they come; return its last event ("done" or "error"),
+        None when it was cancelled before it started."""
         if job.cancelled.is_set():
-            return
+            return None
         vlm, request = self.vlm, job.request
         stats = GenerationStats()
         try:
@@ -136,18 +142,15 @@ class Worker:
                 stream.close()
                 vlm.backend.stop_ids = stop_ids
         except ApiError as err:
-            job.emit("error", err)
-            return
+            return "error", err
         except TinyLlavaError as err:  # the runtime's sentence about this request (image, prompt, settings)
-            job.emit("error", bad_request(str(err)))
-            return
+            return "error", bad_request(str(err))
         except Exception:  # noqa: BLE001 - a bug, not the client's fault: logged, answered 500, worker kept
             log.exception("worker %d failed on a request", self.index)
-            job.emit("error", ApiError(500, "the server failed while answering this request; its log has the cause"))
-            return
+            return "error", ApiError(500, "the server failed while answering this request; its log has the cause")
         self._pool.metrics.record(stats, prompt_tokens, time.perf_counter() - job.arrived)
         finish = {"stop": "stop", "length": "length", "context": "length"}.get(stats.finish_reason, "stop")
-        job.emit("done", Outcome(stats, prompt_tokens, finish, job.cancelled.is_set()))
+        return "done", Outcome(stats, prompt_tokens, finish, job.cancelled.is_set())
 
 
 def render_segments(vlm: VLM, request: ChatRequest, rows: list) -> list:
@@ -289,14 +292,20 @@ class WorkerPool:
         self.metrics.cancelled.inc()
         self._gauges()
 
-    def finished(self, worker: Worker, seconds: float) -> None:
-        """From a worker thread: it is free again."""
-        self._loop.call_soon_threadsafe(self._next, worker, seconds)
+    def finished(self, worker: Worker, seconds: float, job: Job, last: tuple[str, object] | None) -> None:
+        """From a worker thread: it is free again, and `job`'s last event (if any) is due."""
+        self._loop.call_soon_threadsafe(self._next, worker, seconds, job, last)
 
-    def _next(self, worker: Worker, seconds: float) -> None:
+    def _next(self, worker: Worker, seconds: float, job: Job, last: tuple[str, object] | None) -> None:
         self._service_s += SERVICE_EWMA * (seconds - self._service_s)
-        if self._closed:
-            return
+        try:
+            if not self._closed:
+                self._release(worker)
+        finally:
+            if last is not None:  # after the release: the answer reaches its client with the worker free
+                job.events.put_nowait(last)
+
+    def _release(self, worker: Worker) -> None:
         job = next((j for j in islice(self._waiting, AFFINITY_SCAN) if j.affinity in worker.recent), None)
         if job is None and self._waiting:
             job = self._waiting[0]

@@ -27,6 +27,7 @@ from tinyllava_edge.sizes import human_size
 DEFAULT_WORKDIR = Path("runs/tiny-shapes")
 DEFAULT_BUNDLE = DEFAULT_WORKDIR / "bundle"
 MAIN_JOB = "bash scripts/main.sh"
+REVISION_WITHOUT_MODEL = "--revision names a revision of --model given as a Hub repository id; no --model was given"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ def discover(model: str | Path | None, default_bundle: Path = DEFAULT_BUNDLE,
     """The variants to offer, the first being the one served at start; one sentence when there are none.
     `revision`: of `model` given as a Hub repository id."""
     if model is None:
+        if revision is not None:
+            raise TinyLlavaError(REVISION_WITHOUT_MODEL)
         bundle = Path(default_bundle)
         if not _is_model_dir(bundle):
             raise TinyLlavaError(f"no --model given and the default bundle {bundle} does not exist; run the main job "

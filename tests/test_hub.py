@@ -278,6 +278,12 @@ def test_every_command_refuses_an_uncached_id_in_one_line(name, hub, tmp_path, c
     assert not out.exists() or not any(out.iterdir())  # eval makes its (empty) output folder before loading
 
 
+@pytest.mark.parametrize("name", ("serve", "demo"))
+def test_a_revision_without_a_model_is_refused(name, capsys):
+    assert command_main(name)(["--revision", "v2"]) == 2
+    assert "no --model was given" in error_line(capsys)
+
+
 def test_export_then_quantize_from_ids(hub, tmp_path, capsys):
     from tinyllava_edge.bundle import read_manifest
     from tinyllava_edge.cli.export import main as export_main
@@ -287,7 +293,7 @@ def test_export_then_quantize_from_ids(hub, tmp_path, capsys):
     assert export_main(["--model", CKPT_ID, "--revision", "v2", "--out", str(out), "--bits", "32", "--no-verify",
                         "--no-mmproj", "--quiet"]) == 0
     manifest = read_manifest(out)
-    assert V2 in manifest["source"]["path"]
+    assert manifest["source"]["hub"] == {"repo_id": CKPT_ID, "commit": V2}
     local = read_manifest(hub["bundle"])  # exported from `main`: other weights, another source hash
     assert manifest["source"]["sha256"] != local["source"]["sha256"]
 

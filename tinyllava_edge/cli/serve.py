@@ -64,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace):
     """ServeSettings from the command line; TinyLlavaError for a value that cannot work."""
     from tinyllava_edge.apps.serve.settings import API_KEY_ENV, ServeSettings
-    from tinyllava_edge.apps.variants import DEFAULT_BUNDLE, MAIN_JOB
+    from tinyllava_edge.apps.variants import DEFAULT_BUNDLE, MAIN_JOB, REVISION_WITHOUT_MODEL
     from tinyllava_edge.errors import TinyLlavaError
     from tinyllava_edge.hub import model_name, resolve_model
     from tinyllava_edge.runtime.loader import backend_kind
 
     if args.model is None:
+        if args.revision is not None:
+            raise TinyLlavaError(REVISION_WITHOUT_MODEL)
         model = DEFAULT_BUNDLE
         if not model.is_dir():
             raise TinyLlavaError(f"no --model given and the default bundle {model} does not exist; run the main job "

@@ -211,7 +211,8 @@ def test_pickled_weights_only_are_refused(hub, tmp_path, monkeypatch, capsys, li
         from huggingface_hub import constants
 
         cache = tmp_path / "cache"
-        files = {k: v for k, v in folder_files(snapshot(hub, PICKLED_ID, PICKLED_COMMIT)).items() if k != "pytorch_model.bin"}
+        placed = folder_files(snapshot(hub, PICKLED_ID, PICKLED_COMMIT))
+        files = {k: v for k, v in placed.items() if k != "pytorch_model.bin"}
         place_in_cache(cache, PICKLED_ID, PICKLED_COMMIT, files, refs=("main",), tree={"pytorch_model.bin": 100})
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     with pytest.raises(TinyLlavaError, match=r"holds its weights only as pickles \(pytorch_model.bin\)"):
@@ -245,6 +246,66 @@ def test_offline_means_no_network_and_no_flag_means_the_cache_after_one_try(hub,
     assert guard.attempts and all(a.startswith("huggingface.co:") for a in guard.attempts), guard.attempts
 
 
+class FakeHub:
+    """snapshot_download as the Hub would answer it, without a network: each repository is
+    {path: bytes} at one commit; the files the patterns select (huggingface_hub's own filter) land
+    in the cache with the tree listing, as a real download leaves them. `fetched` records them."""
+
+    def __init__(self, cache: Path, repos: dict[str, dict[str, bytes]], stage: Path):
+        self.cache, self.repos, self.stage = cache, repos, stage
+        self.fetched: dict[str, set[str]] = {}
+
+    def __call__(self, repo_id, *, revision=None, cache_dir=None, local_files_only=False, allow_patterns=None,
+                 ignore_patterns=None, **_):
+        from huggingface_hub.utils import filter_repo_objects
+
+        assert not local_files_only and Path(cache_dir) == self.cache
+        files = self.repos[repo_id]
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        chosen = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        self.fetched.setdefault(repo_id, set()).update(chosen)
+        sources = {}
+        for name in chosen:
+            sources[name] = self.stage / repo_id / name
+            sources[name].parent.mkdir(parents=True, exist_ok=True)
+            sources[name].write_bytes(files[name])
+        folder = self.cache / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
+        shutil.rmtree(folder, ignore_errors=True)
+        place_in_cache(self.cache, repo_id, commit, sources, refs=(revision or "main",),
+                       tree={name: len(data) for name, data in files.items()})
+        return str(folder)
+
+
+def test_online_only_safetensors_config_tokenizer_or_the_bundles_files_are_fetched(hub, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    checkpoint = {name: path.read_bytes() for name, path in folder_files(hub["ckpt"]).items()}
+    extras = {"pytorch_model.bin": b"pickle", "training_args.bin": b"pickle", "optimizer.pt": b"pickle",
+              "README.md": b"# card", "llm-F16.gguf": b"GGUF", "images/example.png": b"png"}
+    bundle = {name: path.read_bytes() for name, path in folder_files(hub["bundle"]).items()}
+    pickled = {name: data for name, data in checkpoint.items() if not name.endswith(".safetensors")}
+    fake = FakeHub(tmp_path / "cache", {CKPT_ID: {**checkpoint, **extras},
+                                        BUNDLE_ID: {**bundle, "vision-extra.onnx": b"onnx", "notes.pt": b"pickle"},
+                                        PICKLED_ID: {**pickled, "pytorch_model.bin": b"pickle"}}, tmp_path / "stage")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+    folder = resolve_model(CKPT_ID)
+    assert fake.fetched[CKPT_ID] == set(checkpoint)  # config, weights, tokenizer files: nothing of `extras`
+    assert set(folder_files(folder)) == set(checkpoint)
+    folder = resolve_model(BUNDLE_ID)
+    assert fake.fetched[BUNDLE_ID] == set(bundle) and set(folder_files(folder)) == set(bundle)
+    with tinyllava_edge.load(BUNDLE_ID, **CPU) as vlm:
+        assert vlm.model_id == BUNDLE_ID
+    with pytest.raises(TinyLlavaError, match=r"only as pickles \(pytorch_model.bin\)"):
+        resolve_model(PICKLED_ID)
+    assert "pytorch_model.bin" not in fake.fetched[PICKLED_ID]
+
+
 # -- every command on an id, offline -------------------------------------------------------------------------------
 
 COMMANDS = ("export", "quantize", "eval", "chat", "serve", "demo")
@@ -265,13 +326,14 @@ def test_every_command_offers_revision(name, capsys):
     assert "--revision" in text and "Hugging Face Hub repository id" in text
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", (*COMMANDS, "quantize-gptq"))
 def test_every_command_refuses_an_uncached_id_in_one_line(name, hub, tmp_path, capsys):
-    source = {"quantize": "--bundle"}.get(name, "--model")
-    argv = {"export": ["--out", str(tmp_path / "out")], "quantize": ["--out", str(tmp_path / "out")],
-            "eval": ["--benchmark", "shapes", "--data", str(hub["data"]), "--out", str(tmp_path / "out")],
+    source = {"quantize": "--bundle", "quantize-gptq": "--checkpoint"}.get(name, "--model")
+    out = ["--out", str(tmp_path / "out")]
+    argv = {"export": out, "quantize": out, "quantize-gptq": [*out, "--torch", "gptq", "--data", str(hub["data"])],
+            "eval": ["--benchmark", "shapes", "--data", str(hub["data"]), *out],
             "chat": ["--prompt", "What is it?"]}.get(name, [])
-    assert command_main(name)([source, ABSENT_ID, "--revision", "v1", *argv]) == 2
+    assert command_main(name.removesuffix("-gptq"))([source, ABSENT_ID, "--revision", "v1", *argv]) == 2
     line = error_line(capsys)
     assert "is not in the cache" in line and f"hf download {ABSENT_ID} --revision v1 --include" in line
     out = tmp_path / "out"

@@ -50,6 +50,7 @@ CHECKPOINT_FILES = (
 # Bundle files, for the fetch command of a repository whose kind is not known yet (a bundle's own
 # list is exact: its manifest's `files`): the LLM and mmproj GGUF, the vision graphs and their data.
 BUNDLE_FILES = (MANIFEST_NAME, "*.gguf", "*.onnx", "*.onnx.data", "*.onnx_data")
+ANY_MODEL_FILES = BUNDLE_FILES + CHECKPOINT_FILES
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 # owner/name as the Hub spells them (huggingface_hub's validate_repo_id, with the owner required).
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -119,7 +120,7 @@ class _HubModel:
         return f"{self.repo_id} (revision {self.revision or 'main'})"
 
     def fetch(self, force_download: bool) -> Path:
-        head = self._download(self.revision, PROBE_FILES, force_download, PROBE_FILES + BUNDLE_FILES + CHECKPOINT_FILES)
+        head = self._download(self.revision, PROBE_FILES, force_download, ANY_MODEL_FILES)
         commit = head.name  # snapshots/<commit>: the second call cannot land on a newer commit of a branch
         if (head / MANIFEST_NAME).is_file():
             names = self._bundle_files(head / MANIFEST_NAME)
@@ -132,7 +133,7 @@ class _HubModel:
         if not (head / CONFIG_NAME).is_file():
             if self.offline:
                 raise self._not_cached(f"is in the cache without its {MANIFEST_NAME} or {CONFIG_NAME}",
-                                       PROBE_FILES + BUNDLE_FILES + CHECKPOINT_FILES)
+                                       ANY_MODEL_FILES)
             raise TinyLlavaError(f"Hugging Face Hub repository {self.spelled} holds neither a bundle ({MANIFEST_NAME}) "
                                  f"nor a checkpoint ({CONFIG_NAME})")
         folder = self._download(commit, CHECKPOINT_FILES, force_download, CHECKPOINT_FILES)

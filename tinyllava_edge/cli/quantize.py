@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "largest dividing every LLM input width)")
     torch.add_argument("--samples", type=int, help="calibration samples (default 128)")
     torch.add_argument("--seq-len", type=int, help="tokens per calibration sample, image rows included (default 512)")
-    parser.add_argument("--revision", help=f"{REVISION_HELP} given to --bundle or --checkpoint")
+    parser.add_argument("--revision", help=f"{REVISION_HELP}, for --bundle or --checkpoint")
     parser.add_argument("--no-verify", action="store_true", help="skip the check against the source")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous bundle (checkpoint) at --out")
     parser.add_argument("--quiet", action="store_true", help="no progress output")

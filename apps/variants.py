@@ -4,7 +4,8 @@ A variant is a directory the runtime loads: a bundle (``manifest.json``, edge ba
 checkpoint (``config.json``, torch backend). :func:`discover` turns what the user pointed at into
 variants:
 
-* a bundle or a checkpoint: that one;
+* a bundle or a checkpoint, a folder or a Hugging Face Hub repository id (tinyllava_edge/hub.py):
+  that one;
 * a directory whose children are bundles / checkpoints (``bundle-F16/``, ``bundle-Q8_0/``,
   ``model/``): each of them;
 * nothing given: the default bundle ``runs/tiny-shapes/bundle`` plus every sibling of it that is
@@ -19,12 +20,14 @@ from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.hub import repo_of, resolve_model
 from tinyllava_edge.runtime.loader import CONFIG, backend_kind
 from tinyllava_edge.sizes import human_size
 
 DEFAULT_WORKDIR = Path("runs/tiny-shapes")
 DEFAULT_BUNDLE = DEFAULT_WORKDIR / "bundle"
 MAIN_JOB = "bash scripts/main.sh"
+REVISION_WITHOUT_MODEL = "--revision names a revision of --model given as a Hub repository id; no --model was given"
 
 
 @dataclass(frozen=True)
@@ -48,18 +51,22 @@ def _children(folder: Path) -> list[Variant]:
             for child in sorted(folder.iterdir()) if _is_model_dir(child)]
 
 
-def discover(model: str | Path | None, default_bundle: Path = DEFAULT_BUNDLE) -> list[Variant]:
-    """The variants to offer, the first being the one served at start; one sentence when there are none."""
+def discover(model: str | Path | None, default_bundle: Path = DEFAULT_BUNDLE,
+             revision: str | None = None) -> list[Variant]:
+    """The variants to offer, the first being the one served at start; one sentence when there are none.
+    `revision`: of `model` given as a Hub repository id."""
     if model is None:
+        if revision is not None:
+            raise TinyLlavaError(REVISION_WITHOUT_MODEL)
         bundle = Path(default_bundle)
         if not _is_model_dir(bundle):
             raise TinyLlavaError(f"no --model given and the default bundle {bundle} does not exist; run the main job "
                                  f"first ({MAIN_JOB}) or pass --model PATH (a bundle or a checkpoint)")
         others = [v for v in _children(bundle.parent) if v.path != bundle]
         return [Variant(bundle.name, bundle, backend_kind(bundle)), *others]
-    path = Path(model)
+    path = resolve_model(model, revision)
     if _is_model_dir(path):
-        return [Variant(path.name or str(path), path, backend_kind(path))]
+        return [Variant(repo_of(path) or path.name or str(path), path, backend_kind(path))]
     if path.is_dir():
         found = _children(path)
         if found:

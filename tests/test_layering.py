@@ -49,7 +49,7 @@ RULES = (
     Rule("what every stage shares imports no stage",
          ("tinyllava_edge.bundle", "tinyllava_edge.staging", "tinyllava_edge.atomic", "tinyllava_edge.errors",
           "tinyllava_edge.registry", "tinyllava_edge.constants", "tinyllava_edge.sizes", "tinyllava_edge.offline",
-          "tinyllava_edge.llamacpp", "tinyllava_edge.tokenizer_json", "tinyllava_edge.data"),
+          "tinyllava_edge.hub", "tinyllava_edge.llamacpp", "tinyllava_edge.tokenizer_json", "tinyllava_edge.data"),
          ("tinyllava_edge.model", "tinyllava_edge.train", "tinyllava_edge.export", "tinyllava_edge.quant",
           "tinyllava_edge.runtime", "tinyllava_edge.apps", "tinyllava_edge.cli", "tinyllava_edge.eval",
           "tinyllava_edge.bench")),

@@ -8,7 +8,8 @@ order):
     format_version  1
     created         UTC time, ISO 8601
     format, bits    what was asked: "gguf" | "onnx", 32 | 16 (export) or 8 | 4 ... (quant)
-    source          {path, layout, sha256 (of the weights files together), files: [{name, size, sha256}]}
+    source          {path, layout, sha256 (of the weights files together), files: [{name, size, sha256}],
+                     hub: {repo_id, commit} when the checkpoint came from the Hugging Face Hub}
     model           {llm_family, llm_architecture, vision_tower, vision_model_type, connector,
                      hidden_size, image_tokens, image_token_index, vocab_size, tokenizer_size,
                      vision_feature_layer, vision_feature_select_strategy, image_aspect_ratio,

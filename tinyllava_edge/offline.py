@@ -1,4 +1,8 @@
-"""Nothing at run time reaches a network unless the user named a hub repository.
+"""Nothing at run time reaches a network unless the user named a Hub repository id.
+
+Naming one (`--model owner/name`, `load("owner/name")`) is an explicit request: tinyllava_edge/hub.py
+looks it up and fetches what is not cached yet, and with HF_HUB_OFFLINE=1 reads the cache only. A
+local folder never leads to a lookup. Everything below is about the rest of the stack.
 
 Every path found where a library of the stack goes online on its own, and how it is stopped
 here, deliberately (not by HF_HUB_OFFLINE, which users need not set). tests/test_offline.py runs

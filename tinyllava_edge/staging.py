@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME, is_bundle, sha256_file
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.hub import repo_of
 
 
 class Steps:
@@ -74,7 +75,8 @@ def check_bundle_destination(final: Path, overwrite: bool) -> None:
 
 
 def source_record(source: Path, layout: str) -> dict:
-    """The checkpoint's path, layout and the sha256 of its config and weights files."""
+    """The checkpoint's path, layout and the sha256 of its config and weights files; for a snapshot
+    of the Hugging Face cache also `hub`: the repository id and the commit (tinyllava_edge/hub.py)."""
     names = ["config.json"]
     index = source / "model.safetensors.index.json"
     if (source / "model.safetensors").is_file():
@@ -84,7 +86,11 @@ def source_record(source: Path, layout: str) -> dict:
         names += sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     files = [{"name": n, "size": (source / n).stat().st_size, "sha256": sha256_file(source / n)} for n in names]
     combined = hashlib.sha256("".join(f"{f['name']}:{f['sha256']}\n" for f in files[1:]).encode()).hexdigest()
-    return {"path": str(source.resolve()), "layout": layout, "sha256": combined, "files": files}
+    record = {"path": str(source.resolve()), "layout": layout, "sha256": combined, "files": files}
+    repo_id = repo_of(source)
+    if repo_id is not None:
+        record["hub"] = {"repo_id": repo_id, "commit": source.absolute().name}
+    return record
 
 
 def tool_versions(packages: tuple[str, ...]) -> dict:

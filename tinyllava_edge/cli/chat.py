@@ -16,7 +16,13 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail
+from tinyllava_edge.cli.common import (
+    USER_ERRORS,
+    ArgumentParser,
+    add_model_option,
+    add_truncated_images_option,
+    fail,
+)
 from tinyllava_edge.errors import TinyLlavaError
 
 HELP = "commands: /image PATH (goes with the next question), /reset (forget the conversation), /quit"
@@ -34,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint (config.json; transformers). With --prompt it answers once and exits; without, "
                     f"it reads questions from stdin ({HELP}).",
     )
-    parser.add_argument("--model", type=Path, required=True, help="bundle or checkpoint directory")
+    add_model_option(parser, "bundle or checkpoint directory", required=True)
     parser.add_argument("--device", default="auto", choices=DEVICES, help="where to run (%(default)s: detected)")
     parser.add_argument("--image", type=Path, help="image for the (first) question")
     parser.add_argument("--prompt", help="answer this one question and exit")
@@ -58,8 +64,8 @@ def load_model(args: argparse.Namespace):
     from tinyllava_edge.runtime import load
 
     options = {"n_threads": args.threads, "n_ctx": args.n_ctx, "dtype": args.dtype}
-    return load(args.model, device=args.device, allow_truncated_images=args.allow_truncated_images,
-                **{k: v for k, v in options.items() if v is not None})
+    return load(args.model, device=args.device, revision=args.revision,
+                allow_truncated_images=args.allow_truncated_images, **{k: v for k, v in options.items() if v is not None})
 
 
 def _answer(session, image, question: str, out: TextIO, err: TextIO, stats: bool) -> None:

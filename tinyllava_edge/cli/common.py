@@ -47,3 +47,16 @@ def add_truncated_images_option(parser: argparse.ArgumentParser) -> None:
     from tinyllava_edge.data.images import ALLOW_TRUNCATED_HELP, ALLOW_TRUNCATED_OPTION
 
     parser.add_argument(ALLOW_TRUNCATED_OPTION, action="store_true", help=f"{ALLOW_TRUNCATED_HELP} (default: refuse)")
+
+
+HUB_ID_HELP = "or a Hugging Face Hub repository id (owner/name; fetched into the Hugging Face cache unless cached)"
+REVISION_HELP = "the branch, tag or commit of a Hub repository id (default: main)"
+
+
+def add_model_option(parser: argparse.ArgumentParser, what: str, *, flag: str = "--model", required: bool = False,
+                     revision: bool = True) -> None:
+    """`--model` (or `flag`): `what` (a folder) or a Hub repository id, and `--revision` with it
+    (tinyllava_edge/hub.py resolves both, the same way for every command)."""
+    parser.add_argument(flag, required=required, help=f"{what}, {HUB_ID_HELP}")
+    if revision:
+        parser.add_argument("--revision", help=REVISION_HELP)

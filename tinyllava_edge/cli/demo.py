@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail
+from tinyllava_edge.cli.common import (
+    USER_ERRORS,
+    ArgumentParser,
+    add_model_option,
+    add_truncated_images_option,
+    fail,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinyllava-demo",
         description="Chat with a model about an image in the browser, with live speed figures.",
     )
-    parser.add_argument("--model", type=Path,
-                        help=f"a bundle, a checkpoint, or a directory of them (default: {DEFAULT_BUNDLE} and the "
+    add_model_option(parser, f"a bundle, a checkpoint, or a directory of them (default: {DEFAULT_BUNDLE} and the "
                              "bundles / checkpoints beside it)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="where to run (%(default)s: detected)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only)")
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinyllava_edge.apps.variants import discover
 
     try:
-        variants = discover(args.model)
+        variants = discover(args.model, revision=args.revision)
     except USER_ERRORS as err:
         return fail(err)
     return serve(variants, args)

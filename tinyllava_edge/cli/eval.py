@@ -12,7 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail
+from tinyllava_edge.cli.common import (
+    USER_ERRORS,
+    ArgumentParser,
+    add_model_option,
+    add_truncated_images_option,
+    fail,
+)
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.sizes import human_size
 
@@ -33,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), help="which benchmark")
-    parser.add_argument("--model", type=Path, help="checkpoint directory, or a bundle written by tinyllava-export "
-                                                   "(run by the edge runtime; not needed with --score-only)")
+    add_model_option(parser, "checkpoint directory, or a bundle written by tinyllava-export (run by the edge "
+                             "runtime; not needed with --score-only)")
     parser.add_argument("--questions", type=Path, help="the benchmark's question file")
     parser.add_argument("--image-folder", type=Path, help="directory the question files' image names are relative to")
     parser.add_argument("--annotations", type=Path, help="ground truth: a file or directory, per benchmark")
@@ -91,18 +97,21 @@ def run(args: argparse.Namespace) -> dict:
     if args.model is None:
         raise TinyLlavaError("--model is needed (a checkpoint or bundle directory), or --score-only with --answers")
     from tinyllava_edge.eval import RuntimePredictor, TorchPredictor
+    from tinyllava_edge.hub import resolve_model
     from tinyllava_edge.runtime.loader import backend_kind
 
     max_new_tokens = args.max_new_tokens or bench.max_new_tokens
     settings = {"batch_size": args.batch_size, "max_new_tokens": max_new_tokens, "device": args.device,
                 "template": args.template or "the LLM family's", "checkpoint": str(args.model),
+                "revision": args.revision,
                 "allow_truncated_images": args.allow_truncated_images}
 
     def load_predictor() -> TorchPredictor | RuntimePredictor:  # called after the benchmark files are checked
-        kind = backend_kind(args.model)  # "edge" for a bundle, "torch" for a checkpoint
+        model = resolve_model(args.model, args.revision)
+        kind = backend_kind(model)  # "edge" for a bundle, "torch" for a checkpoint
         settings["backend"] = "edge runtime (onnxruntime + llama.cpp)" if kind == "edge" else "torch"
         predictor_class = RuntimePredictor if kind == "edge" else TorchPredictor
-        predictor = predictor_class(args.model, batch_size=args.batch_size, device=args.device,
+        predictor = predictor_class(model, batch_size=args.batch_size, device=args.device,
                                     max_new_tokens=max_new_tokens, template=args.template,
                                     allow_truncated_images=args.allow_truncated_images)
         settings["template"] = predictor.template.name

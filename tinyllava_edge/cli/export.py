@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_model_option, fail
 from tinyllava_edge.sizes import human_size
 
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or, with --format hf, as a transformers LlavaForConditionalGeneration folder that vLLM serves. "
                     "Every part is checked against PyTorch unless --no-verify.",
     )
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    add_model_option(parser, "checkpoint directory", required=True)
     parser.add_argument("--out", required=True, type=Path, help="bundle (or HF folder) directory to create")
     parser.add_argument("--format", choices=(*FORMATS, HF_FORMAT), default=DEFAULT_FORMAT,
                         help="gguf: vision ONNX + LLM GGUF + mmproj; onnx: the vision ONNX alone; hf: an fp32 "
@@ -63,14 +63,16 @@ def run(args: argparse.Namespace) -> dict:
     from tinyllava_edge.errors import TinyLlavaError
     from tinyllava_edge.export.bundle import DEFAULT_BITS, PRECISIONS
     from tinyllava_edge.export.hf_llava import HF_FORMAT, export_hf
+    from tinyllava_edge.hub import resolve_model
 
+    model = resolve_model(args.model, args.revision)
     if args.format == HF_FORMAT:
         unused = [flag for flag, given in (("--bits", args.bits not in (None, 32)), ("--no-mmproj", args.no_mmproj),
                                            ("--onnx-fp16", args.onnx_fp16)) if given]
         if unused:
             raise TinyLlavaError(f"{', '.join(unused)} apply to edge bundles; --format hf writes fp32 weights "
                                  "(engines cast them on load, e.g. vllm serve --dtype bfloat16)")
-        return export_hf(args.model, args.out, verify=not args.no_verify, progress=not args.quiet,
+        return export_hf(model, args.out, verify=not args.no_verify, progress=not args.quiet,
                          overwrite=args.overwrite, check_images=args.check_images, check_tokens=args.check_tokens)
     bits = DEFAULT_BITS if args.bits is None else args.bits
     options = dict(fmt=args.format, mmproj=not args.no_mmproj, verify=not args.no_verify, progress=not args.quiet,
@@ -79,10 +81,10 @@ def run(args: argparse.Namespace) -> dict:
     if str(bits) in PRECISIONS:
         from tinyllava_edge.export import export_bundle
 
-        return export_bundle(args.model, args.out, bits=bits, **options)
+        return export_bundle(model, args.out, bits=bits, **options)
     from tinyllava_edge.quant.bundle import export_quantized
 
-    return export_quantized(args.model, args.out, bits, **options)
+    return export_quantized(model, args.out, bits, **options)
 
 
 def hf_summary_lines(result: dict) -> list[str]:

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
+from tinyllava_edge.cli.common import REVISION_HELP, USER_ERRORS, ArgumentParser, add_model_option, fail
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.sizes import human_size
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or, with --torch gptq, write a checkpoint whose LLM is GPTQ 4-bit, calibrated on --data "
                     "(GPTQModel on CPU, in the environment scripts/setup-gptq.sh makes).",
     )
-    parser.add_argument("--bundle", type=Path, help="source bundle directory (16 or 32 bit)")
+    add_model_option(parser, "source bundle directory (16 or 32 bit)", flag="--bundle", revision=False)
     parser.add_argument("--out", required=True, type=Path,
                         help="bundle (or, with --torch, checkpoint) directory to create")
     what = parser.add_mutually_exclusive_group()
@@ -53,13 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-mmproj", action="store_true", help="copy the mmproj as it is (default: Q8_0)")
     torch = parser.add_argument_group("torch checkpoints (--torch gptq)")
     torch.add_argument("--torch", choices=TORCH_CHOICES, help="quantize a checkpoint's LLM instead of a bundle")
-    torch.add_argument("--checkpoint", type=Path, help="source checkpoint directory (fp32/bf16, any layout)")
+    add_model_option(torch, "source checkpoint directory (fp32/bf16, any layout)", flag="--checkpoint", revision=False)
     torch.add_argument("--data", type=Path, help="calibration data: a data directory (instruct.json, else "
                                                  "train.json) or a LLaVA JSON file")
     torch.add_argument("--group-size", type=int, help="GPTQ group size: 128, 64, 32, 16 or -1 (default: the "
                                                       "largest dividing every LLM input width)")
     torch.add_argument("--samples", type=int, help="calibration samples (default 128)")
     torch.add_argument("--seq-len", type=int, help="tokens per calibration sample, image rows included (default 512)")
+    parser.add_argument("--revision", help=f"{REVISION_HELP}, for --bundle or --checkpoint")
     parser.add_argument("--no-verify", action="store_true", help="skip the check against the source")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous bundle (checkpoint) at --out")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -88,13 +89,16 @@ def _check_mode(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from tinyllava_edge.hub import resolve_model
+
     _check_mode(args)
+    source = resolve_model(args.checkpoint if args.torch else args.bundle, args.revision)
     if args.torch:
         from tinyllava_edge.quant import torch_gptq
 
         options = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
                                      ("n_samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
-        return torch_gptq.quantize_gptq(args.checkpoint, args.out, data=args.data, verify=not args.no_verify,
+        return torch_gptq.quantize_gptq(source, args.out, data=args.data, verify=not args.no_verify,
                                         overwrite=args.overwrite, progress=not args.quiet, **options)
     from tinyllava_edge.quant.bundle import DEFAULT_QUANT, preset_options, quantize_bundle
 
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         options["onnx"] = tuple(args.onnx)
     if args.keep_mmproj:
         options["mmproj"] = None
-    return quantize_bundle(args.bundle, args.out, **options, vision_default=args.vision_default,
+    return quantize_bundle(source, args.out, **options, vision_default=args.vision_default,
                            verify=not args.no_verify, overwrite=args.overwrite, progress=not args.quiet)
 
 

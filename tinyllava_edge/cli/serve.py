@@ -14,7 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, add_truncated_images_option, fail
+from tinyllava_edge.cli.common import (
+    USER_ERRORS,
+    ArgumentParser,
+    add_model_option,
+    add_truncated_images_option,
+    fail,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinyllava-serve",
         description="Serve a bundle or a checkpoint over HTTP with OpenAI's Chat Completions API.",
     )
-    parser.add_argument("--model", type=Path, help=f"a bundle or a checkpoint directory (default: {DEFAULT_BUNDLE}, "
-                                                   "the main job's)")
+    add_model_option(parser, f"a bundle or a checkpoint directory (default: {DEFAULT_BUNDLE}, the main job's)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="where to run (%(default)s: detected)")
     parser.add_argument("--host", default=d.DEFAULT_HOST, help="address to listen on (%(default)s: this machine only)")
     parser.add_argument("--port", type=int, default=d.DEFAULT_PORT, help="port (%(default)s; 0: a free one, printed)")
@@ -37,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests that may wait for a worker; more get 429 with Retry-After (%(default)s)")
     parser.add_argument("--api-key", help=f"require Authorization: Bearer KEY on /v1 (default: ${d.API_KEY_ENV})")
     parser.add_argument("--served-model-name", help="the model name clients send (default: the model directory's "
-                                                    "name)")
+                                                    "name, or the Hub repository id)")
     parser.add_argument("--allow-files", type=Path, metavar="DIR",
                         help="also take file:// image URLs of files below DIR (default: data: URIs only)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -59,16 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace):
     """ServeSettings from the command line; TinyLlavaError for a value that cannot work."""
     from tinyllava_edge.apps.serve.settings import API_KEY_ENV, ServeSettings
-    from tinyllava_edge.apps.variants import DEFAULT_BUNDLE, MAIN_JOB
+    from tinyllava_edge.apps.variants import DEFAULT_BUNDLE, MAIN_JOB, REVISION_WITHOUT_MODEL
     from tinyllava_edge.errors import TinyLlavaError
+    from tinyllava_edge.hub import model_name, resolve_model
     from tinyllava_edge.runtime.loader import backend_kind
 
-    model = args.model
-    if model is None:
+    if args.model is None:
+        if args.revision is not None:
+            raise TinyLlavaError(REVISION_WITHOUT_MODEL)
         model = DEFAULT_BUNDLE
         if not model.is_dir():
             raise TinyLlavaError(f"no --model given and the default bundle {model} does not exist; run the main job "
                                  f"first ({MAIN_JOB}) or pass --model PATH (a bundle or a checkpoint)")
+    else:
+        model = resolve_model(args.model, args.revision)
     backend_kind(model)  # one sentence now for a path that is not a model, not after the server started
     if args.workers < 1:
         raise TinyLlavaError(f"--workers must be at least 1, got {args.workers}")
@@ -84,7 +93,7 @@ def settings_from_args(args: argparse.Namespace):
     if args.allow_files is not None and not args.allow_files.is_dir():
         raise TinyLlavaError(f"--allow-files {args.allow_files} is not a directory")
     return ServeSettings(
-        model=model, served_model_name=args.served_model_name or model.resolve().name, device=args.device,
+        model=model, served_model_name=args.served_model_name or model_name(model), device=args.device,
         workers=args.workers, queue=args.queue, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         allow_files=args.allow_files, cors_origins=tuple(args.cors_origin),
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),

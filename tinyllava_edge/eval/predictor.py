@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Sequence, Union, ru
 
 from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.hub import model_name
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -91,7 +92,7 @@ class TorchPredictor:
         vision = config.vision_config
         self.preprocess_config = PreprocessConfig.for_tower(vision.model_type, vision.image_size,
                                                             config.image_aspect_ratio)
-        self.model_id = path.resolve().name
+        self.model_id = model_name(path)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.allow_truncated_images = allow_truncated_images  # as tinyllava_edge.load's (data/images.py)
@@ -172,7 +173,7 @@ class RuntimePredictor:
             options["template"] = template
         self.vlm = load(model_dir, device=device, vision_batch_size=batch_size, **options)
         self.template = self.vlm.template
-        self.model_id = Path(model_dir).resolve().name
+        self.model_id = self.vlm.model_id
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
 

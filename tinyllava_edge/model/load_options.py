@@ -7,8 +7,10 @@ finds it handled or fails `tests/test_model.py::test_every_transformers_option_i
 instead of a user's load:
 
 - HONOURED: changes what is loaded or returned (dtype, device, subfolder, loading info).
-- IGNORED: has nothing to act on for a local safetensors checkpoint (hub download options: the
-  folder is read as it is; options whose default is all we do: weights_only, mmap, ...).
+  The Hub options (revision, cache_dir, token, local_files_only, force_download) act when the
+  path is a Hub repository id (tinyllava_edge/hub.py); a local folder is read as it is.
+- IGNORED: has nothing to act on for a safetensors checkpoint (proxies and the bookkeeping keys;
+  options whose default is all we do: weights_only, mmap, ...).
 - REFUSED_UNLESS_DEFAULT: asks for something this loader does not do (quantization configs,
   GGUF, tensor parallelism, offloading, ...). Its default value passes silently (the Auto
   classes forward several with None); any other value is refused with the way to get it.
@@ -18,17 +20,19 @@ from __future__ import annotations
 
 from typing import Any
 
+# Options of tinyllava_edge.hub.resolve_model, for a path that is a Hub repository id.
+HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 HONOURED = frozenset({"dtype", "torch_dtype", "device", "device_map", "subfolder", "output_loading_info",
                       "attn_implementation", "use_safetensors", "ignore_mismatched_sizes",
                       # the Auto classes always pass the hub options here; it names an adapter
                       # only when they found an adapter_config.json in the folder
-                      "adapter_kwargs"})
+                      "adapter_kwargs", *HUB_OPTIONS})
 
-# Hub download options: a checkpoint here is a local folder, read as it is (no download, no
-# cache lookup); the bookkeeping keys are what the Auto classes and pipelines add for themselves.
+# huggingface_hub's snapshot_download takes no proxies (its HTTP client reads the HTTP(S)_PROXY
+# variables) and resumes by itself; the bookkeeping keys are what the Auto classes and pipelines
+# add for themselves.
 IGNORED = frozenset({
-    "cache_dir", "force_download", "local_files_only", "proxies", "token", "revision", "resume_download",
-    "user_agent", "code_revision", "_from_auto", "_from_pipeline", "_commit_hash",
+    "proxies", "resume_download", "user_agent", "code_revision", "_from_auto", "_from_pipeline", "_commit_hash",
     # the directory's own config.json is always the one read: the Auto classes pass the config
     # they read from the same file (only an attn_implementation they put in it is taken)
     "config",
@@ -66,7 +70,8 @@ CLASSIFIED = HONOURED | IGNORED | set(REFUSED_UNLESS_DEFAULT)
 def resolve_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Check `from_pretrained`'s keyword options; return the honoured ones, normalised.
 
-    Returns {"dtype", "device", "subfolder", "output_loading_info", "attn_implementation"}.
+    Returns {"dtype", "device", "subfolder", "output_loading_info", "attn_implementation", "hub"}
+    ("hub": the HUB_OPTIONS given, for tinyllava_edge.hub.resolve_model).
     Raises TypeError for an option transformers does not define either, ValueError for a value
     this loader does not do.
     """
@@ -97,6 +102,7 @@ def resolve_options(kwargs: dict[str, Any]) -> dict[str, Any]:
         # the Auto classes move attn_implementation into the config they read and pass that
         "attn_implementation": kwargs.get("attn_implementation")
         or getattr(kwargs.get("config"), "_attn_implementation_internal", None),
+        "hub": {name: kwargs[name] for name in HUB_OPTIONS if kwargs.get(name) is not None},
     }
 
 

@@ -261,14 +261,19 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
         Keyword options are transformers' own; model/load_options.py says what each one does here
         (honoured: `dtype`/`torch_dtype` (a dtype, its name, or "auto" for the stored one),
         `device`/`device_map` (one device), `subfolder`, `output_loading_info`,
-        `attn_implementation`; hub download options have nothing to fetch for a folder).
+        `attn_implementation`; `revision`, `cache_dir`, `token`, `local_files_only`,
+        `force_download` when `path` is a Hugging Face Hub repository id: tinyllava_edge/hub.py,
+        safetensors only; a local folder of that name wins and is read as it is).
         """
+        from tinyllava_edge.hub import resolve_model
         from tinyllava_edge.model.checkpoint import load_checkpoint
         from tinyllava_edge.model.load_options import resolve_options
 
         if args:
             raise TypeError("from_pretrained takes the checkpoint path and keyword options only")
         options = resolve_options(kwargs)
+        # transformers' Auto classes pass revision="main" with a local folder too
+        path = resolve_model(path, **options["hub"], folder_ignores_revision=True)
         folder = Path(path) / options["subfolder"] if options["subfolder"] else path
         model = load_checkpoint(folder, dtype=options["dtype"], device=options["device"])
         if options["attn_implementation"] is not None:

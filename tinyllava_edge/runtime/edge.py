@@ -26,6 +26,7 @@ from tinyllava_edge.bundle import files_by_role, read_manifest
 from tinyllava_edge.data.preprocess import PreprocessConfig
 from tinyllava_edge.data.template import Template, get_template
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.hub import model_name
 from tinyllava_edge.llamacpp import FLASH_ATTN, KV_TYPES, LlamaCppModel, LlamaCppTokenizer
 from tinyllava_edge.runtime.backend import check_options, check_segments, stop_token_ids
 from tinyllava_edge.runtime.devices import TENSORRT_EP, detect, plan_device
@@ -108,7 +109,7 @@ class EdgeBackend:
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.model_id = self.path.resolve().name
+        self.model_id = model_name(self.path)  # a Hub snapshot is called by its repository id
         self.manifest = read_manifest(self.path, check_hashes=options.get("check_hashes", True))
         kv_type = options.get("kv_type", "f16")
         if kv_type not in KV_TYPES:

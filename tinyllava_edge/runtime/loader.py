@@ -1,4 +1,8 @@
-"""`load(path, device="auto", **options)`: a bundle or a checkpoint directory -> a :class:`~.vlm.VLM`.
+"""`load(path, device="auto", revision=None, **options)`: a bundle or a checkpoint -> a :class:`~.vlm.VLM`.
+
+`path` is a directory or a Hugging Face Hub repository id (`owner/name`, at `revision`), fetched
+into the Hugging Face cache or found there (tinyllava_edge/hub.py: an existing folder wins; never
+a pickle; with HF_HUB_OFFLINE=1 the cache only).
 
 * a directory with ``manifest.json`` (written by tinyllava-export) runs on the ``edge`` backend:
   onnxruntime + llama.cpp, no torch;
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.hub import resolve_model
 from tinyllava_edge.runtime.backend import BACKENDS
 from tinyllava_edge.runtime.vlm import VLM
 
@@ -43,9 +48,10 @@ def backend_kind(path: str | os.PathLike) -> str:
     raise TinyLlavaError(f"{folder} is neither a bundle (no {MANIFEST_NAME}) nor a checkpoint (no {CONFIG})")
 
 
-def load(path: str | os.PathLike, device: str = "auto", **options) -> VLM:
-    """Load a bundle (edge backend, no torch) or a checkpoint (torch backend) on `device`
-    ("auto" | "cpu" | "cuda" | "jetson")."""
+def load(path: str | os.PathLike, device: str = "auto", revision: str | None = None, **options) -> VLM:
+    """Load a bundle (edge backend, no torch) or a checkpoint (torch backend), a folder or a Hub
+    repository id at `revision`, on `device` ("auto" | "cpu" | "cuda" | "jetson")."""
+    path = resolve_model(path, revision)
     kind = backend_kind(path)
     vlm_options = {k: options.pop(k) for k in VLM_OPTIONS if k in options}
     backend = BACKENDS.get(kind)(path, device, **options)

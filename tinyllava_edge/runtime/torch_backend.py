@@ -22,6 +22,7 @@ import numpy as np
 from tinyllava_edge.data.preprocess import PreprocessConfig
 from tinyllava_edge.data.template import default_template_for_family, get_template
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.hub import model_name
 from tinyllava_edge.runtime.backend import check_options, check_segments, stop_token_ids
 from tinyllava_edge.runtime.devices import DEVICES, JETSON_MARKER
 
@@ -135,7 +136,7 @@ class TorchBackend:
 
         self._torch = torch
         self.path = Path(path)
-        self.model_id = self.path.resolve().name
+        self.model_id = model_name(self.path)  # a Hub snapshot is called by its repository id
         self.device = _torch_device(device, torch)
         if gptq and self.device != "cpu":
             if device != "auto":

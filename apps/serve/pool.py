@@ -53,6 +53,12 @@ log = logging.getLogger("tinyllava_edge.serve")
 AFFINITY_KEYS = 64  # keys a worker remembers; its prefix store holds about a dozen image prefixes anyway
 AFFINITY_SCAN = 8  # queued jobs a freed worker looks through for one it holds the key of
 SERVICE_EWMA = 0.2  # weight of the latest request in the service-time estimate behind Retry-After
+# How long a worker waits, after a streamed answer's first text, for the event loop to write it
+# before it computes the next token. Decoding keeps every core busy (llama.cpp's threads, one per
+# physical core), so the loop thread would otherwise wait for a core and for the GIL to send the
+# first chunk; with the worker paused it gets both at once. The wait is a fraction of a
+# millisecond when the loop is free; the cap bounds it when the loop is busy with other clients.
+FIRST_CHUNK_WAIT_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class Job:
         self._pieces: list[str] = []
         self._lock = threading.Lock()
         self._signalled = False  # a ("piece", None) event is posted and its text not taken yet
+        self.first_written = threading.Event()  # set by the stream once the first text went out (or it ended)
 
     def add_piece(self, piece: str) -> None:
         """From the worker thread: more text; the loop hears of it only if it took the last batch."""
@@ -156,11 +163,15 @@ class Worker:
             if request.ignore_eos:  # this worker's thread alone uses its backend: restored below
                 vlm.backend.stop_ids = frozenset()
             stream = vlm.decode(segments, params, stats, fresh=True, started=job.arrived)
+            first = request.stream  # a stream's first text goes out before the next token (FIRST_CHUNK_WAIT_S)
             try:
                 for piece in stream:
                     if job.cancelled.is_set():
                         break  # before the next token is evaluated: closing the stream ends the decode
                     job.add_piece(piece)
+                    if first:
+                        first = False
+                        job.first_written.wait(FIRST_CHUNK_WAIT_S)
             finally:
                 stream.close()
                 vlm.backend.stop_ids = stop_ids

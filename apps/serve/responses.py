@@ -115,6 +115,7 @@ class EventStream:
                 if text:
                     await self._send(send, head + reply.content(text))
                     head, sent = b"", loop.time()
+                    job.first_written.set()  # the worker computes the next token now
                 kind, value = await job.events.get()
             if kind == "gone":
                 return
@@ -130,6 +131,7 @@ class EventStream:
         except OSError:
             return  # the connection broke while writing: finally cancels the job
         finally:
+            job.first_written.set()  # a worker never waits on a stream that ended
             self.watcher.cancel()
             self.pool.cancel(job)  # nothing to do when it ended
             self.pool.release()

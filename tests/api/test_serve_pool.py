@@ -316,6 +316,33 @@ def test_streamed_tokens_come_in_batches_complete_and_in_order(miniature_bundle)
         assert len(contents) == 2 and first < 5 and done < 10  # the first at once, the rest with the finish
 
 
+def test_the_first_chunk_goes_out_before_the_next_token(miniature_bundle, monkeypatch):
+    """A streamed answer's worker waits, after the first text, until the stream has written it
+    (here the write takes 0.3 s and the wait may last 5 s): no token is evaluated meanwhile."""
+    import asyncio
+
+    from tinyllava_edge.apps.serve import pool, responses
+
+    monkeypatch.setattr(pool, "FIRST_CHUNK_WAIT_S", 5.0)
+    written = []
+    send = responses.EventStream._send
+
+    async def slow_send(send_, data):
+        if not written:
+            await asyncio.sleep(0.3)
+        await send(send_, data)
+        written.append(time.monotonic())
+
+    monkeypatch.setattr(responses.EventStream, "_send", staticmethod(slow_send))
+    loader = SlowLoader(delay=0)
+    with serving(miniature_bundle, loader) as (url, _):
+        wait_ready(url)
+        contents, usage, first, done = _stream(url, body(max_tokens=5, stream=True))
+    assert usage["completion_tokens"] == 5 and done < 4  # the wait ended with the write, not after 5 s
+    prompt, after_first = loader.times[:2]  # the prompt's evaluation, then the first token's
+    assert after_first >= written[0] > prompt + 0.25
+
+
 def test_disconnect_stops_generation_while_the_stream_waits_out_its_interval(miniature_bundle):
     loader = SlowLoader()
     with serving(miniature_bundle, loader, stream_interval_s=30.0) as (url, _):

@@ -16,9 +16,11 @@ The floors (issue 20), each measured here and never in a timed test:
   the client receives them) >= 0.95x ``VLM.generate`` in this process on the same prompts, same
   bundle and threads. Both decode `--decode-tokens` tokens whatever the model says (vLLM's
   ``ignore_eos`` through the API, the stop tokens cleared in process, as tinyllava-bench does):
-  the default model answers in two or three tokens, too few to time;
-* follow-up: a second question about the same image (the first answer in the history, no image)
-  has TTFT <= 0.2x the first question's (medians over `--images` fresh images);
+  the default model answers in two or three tokens, too few to time. `--decode-rounds` rounds,
+  each the same prompts here and then through the server; the median of the rounds' ratios;
+* follow-up: a second question about the same image (the first answer in the history, and the
+  image again, as an OpenAI client sends the conversation) has TTFT <= 0.2x the first question's
+  (medians over `--follow-ups` fresh images);
 * 16 x 20: no errors, and RSS after the run <= 1.1x RSS after the first 16 requests.
 
 Exits 1 when a request failed or a floor is missed. Requests go to 127.0.0.1 only.
@@ -204,7 +206,8 @@ def load_run(url: str, pid: int, workers: int, clients: int, requests: int, ques
 
 def follow_up_ratio(url: str, model: Path, questions, max_tokens: int, threads: int) -> dict:
     """Median TTFT of first questions (fresh images) and of their follow-ups, through the API; and
-    the same pairs in process (ChatSession), what the runtime itself reaches without HTTP."""
+    the same pairs in process (ChatSession), what the runtime itself reaches without HTTP. The
+    spread is the quartiles of each pair's own ratio."""
     import httpx
 
     import tinyllava_edge
@@ -227,23 +230,12 @@ def follow_up_ratio(url: str, model: Path, questions, max_tokens: int, threads: 
             local_firsts.append(chat.ask(image, question, return_stats=True)[1].ttft_ms / 1e3)
             local_follows.append(chat.ask(None, follow, return_stats=True)[1].ttft_ms / 1e3)
     first, follow = statistics.median(firsts), statistics.median(follows)
+    pairs = np.array(follows) / np.array(firsts)
     return {"images": len(questions), "first_ttft_p50_s": first, "follow_up_ttft_p50_s": follow,
-            "ratio": follow / first, "in_process_first_ttft_p50_s": statistics.median(local_firsts),
+            "ratio": follow / first, "pair_ratio_quartiles": [float(q) for q in np.percentile(pairs, [25, 50, 75])],
+            "in_process_first_ttft_p50_s": statistics.median(local_firsts),
             "in_process_follow_up_ttft_p50_s": statistics.median(local_follows),
             "in_process_ratio": statistics.median(local_follows) / statistics.median(local_firsts)}
-
-
-def served_decode(url: str, questions, tokens: int) -> tuple[float, float]:
-    """Decode tokens/s through the API (each question once, streamed, `tokens` tokens: ignore_eos),
-    as the client receives them, and the mean of the server's own per-answer figures (/metrics)."""
-    import httpx
-
-    with httpx.Client(timeout=600) as client:
-        before = _histogram(client, url, "tinyllava_decode_tokens_per_second")
-        rate = decode_rate([stream_chat(client, url, [message(uri, question)], tokens, ignore_eos=True)[0]
-                            for uri, question, _ in questions])
-        after = _histogram(client, url, "tinyllava_decode_tokens_per_second")
-    return rate, (after[0] - before[0]) / (after[1] - before[1])
 
 
 def _histogram(client, url: str, name: str) -> tuple[float, float]:
@@ -253,48 +245,47 @@ def _histogram(client, url: str, name: str) -> tuple[float, float]:
     return float(values[name + "_sum"]), float(values[name + "_count"])
 
 
-def in_process_decode(vlm, questions, tokens: int) -> float:
-    """Decode tokens/s of VLM.generate here on the same prompts (greedy, `tokens` tokens: stop tokens cleared)."""
+def decode_floor(url: str, model: Path, questions, tokens: int, threads: int, rounds: int = 5) -> dict:
+    """Decode tokens/s through the server against ``VLM.generate`` in this process, on the same
+    prompts (the server's image decoding, greedy, `tokens` tokens each: ignore_eos through the API,
+    stop tokens cleared here). Both count from the first token to the last: the client from the
+    first content chunk to the finish chunk, the runtime from the first token chosen to the last;
+    (tokens - 1) intervals each. Each round asks every question here and then through the server
+    (idle meanwhile), one after the other, so a shared machine's drift touches both alike; the
+    ratio is the median of the rounds' ratios, and their spread is reported."""
+    import httpx
+
+    import tinyllava_edge
     from tinyllava_edge.apps.serve.images import ImagePolicy, load_request_image
 
     policy = ImagePolicy(2**30, 2**30)
-    decoded = seconds = 0.0
-    stop_ids, vlm.backend.stop_ids = vlm.backend.stop_ids, frozenset()
-    try:
-        for uri, question, _ in questions:
-            image = load_request_image(uri, policy, "bench").decode()  # the server's decoding, same pixels
-            _, stats = vlm.generate(image, question, max_new_tokens=tokens, return_stats=True)
-            decoded += stats.decode_tokens - 1
-            seconds += stats.decode_ms / 1e3
-    finally:
-        vlm.backend.stop_ids = stop_ids
-    return decoded / seconds
-
-
-def decode_floor(url: str, model: Path, questions, tokens: int, threads: int, rounds: int = 3) -> dict:
-    """Medians of `rounds` interleaved measurements, in process and through the server (idle meanwhile),
-    so that a shared machine's drift touches both alike."""
-    import tinyllava_edge
-
-    local, served, reported = [], [], []
-    with tinyllava_edge.load(model, device="cpu", n_threads=threads) as vlm:
+    images = [load_request_image(uri, policy, "bench").decode() for uri, _, _ in questions]  # same pixels
+    local, served, reported, ratios = [], [], [], []
+    with tinyllava_edge.load(model, device="cpu", n_threads=threads) as vlm, httpx.Client(timeout=600) as client:
         vlm.generate(None, "Hello.", max_new_tokens=4)  # warm-up, as the server had
+        stop_ids = vlm.backend.stop_ids
         for _ in range(rounds):
-            local.append(in_process_decode(vlm, questions, tokens))
-            seen, own = served_decode(url, questions, tokens)
-            served.append(seen)
-            reported.append(own)
-    figures = {"server_tokens_per_s": statistics.median(served), "in_process_tokens_per_s": statistics.median(local),
-               "server_reported_tokens_per_s": statistics.median(reported),
-               "rounds": {"server": served, "in_process": local, "server_reported": reported}, "threads": threads,
-               "tokens": tokens}
-    figures["ratio"] = figures["server_tokens_per_s"] / figures["in_process_tokens_per_s"]
-    return figures
-
-
-def decode_rate(results: list[Result]) -> float:
-    intervals = [r for r in results if r.completion_tokens > 1]
-    return sum(r.completion_tokens - 1 for r in intervals) / sum(r.decode_s for r in intervals)
+            here, there = [], []
+            before = _histogram(client, url, "tinyllava_decode_tokens_per_second")
+            for image, (uri, question, _) in zip(images, questions):
+                vlm.backend.stop_ids = frozenset()
+                try:
+                    _, stats = vlm.generate(image, question, max_new_tokens=tokens, return_stats=True)
+                finally:
+                    vlm.backend.stop_ids = stop_ids
+                here.append((stats.decode_tokens - 1, stats.decode_ms / 1e3))
+                result = stream_chat(client, url, [message(uri, question)], tokens, ignore_eos=True)[0]
+                there.append((result.completion_tokens - 1, result.decode_s))
+            after = _histogram(client, url, "tinyllava_decode_tokens_per_second")
+            local.append(sum(n for n, _ in here) / sum(t for _, t in here))
+            served.append(sum(n for n, _ in there) / sum(t for _, t in there))
+            reported.append((after[0] - before[0]) / (after[1] - before[1]))
+            ratios.append(served[-1] / local[-1])
+    return {"server_tokens_per_s": statistics.median(served), "in_process_tokens_per_s": statistics.median(local),
+            "server_reported_tokens_per_s": statistics.median(reported), "ratio": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)],
+            "rounds": {"ratio": ratios, "server": served, "in_process": local, "server_reported": reported},
+            "threads": threads, "tokens": tokens, "prompts": len(questions)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=10, help="distinct images the questions are about")
     parser.add_argument("--max-tokens", type=int, default=32, help="answer cap of the load runs (they stop at EOS)")
     parser.add_argument("--decode-tokens", type=int, default=256, help="tokens per answer of the decode floor")
+    parser.add_argument("--decode-rounds", type=int, default=5, help="interleaved rounds of the decode floor")
+    parser.add_argument("--follow-ups", type=int, default=20, help="fresh images of the follow-up floor (a first "
+                        "question and a follow-up each)")
     parser.add_argument("--threads", type=int, help="CPU threads per worker (default: the server's)")
     parser.add_argument("--follow-up-model", type=Path, help="also measure the follow-up floor on this bundle, e.g. "
                         "a bench-scale one (tinyllava-bench's cache), where image work dominates a first question")
@@ -320,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv or sys.argv[1:])]),
                      "model": str(args.model), "max_tokens": args.max_tokens,
                      "machine": {"cpus": os.cpu_count(), "physical_cores": cores, "processor": _cpu_name(),
-                                 "python": platform.python_version()}, "runs": [], "floors": {}}
+                                 "python": platform.python_version(), "load_average_before": os.getloadavg()},
+                     "runs": [], "floors": {}}
     failures = []
     for workers in args.workers:
         threads = args.threads or max(1, cores // workers)
@@ -328,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             load_run(url, proc.pid, workers, 1, 2, questions, args.max_tokens)  # warm-up, not counted
             if workers == args.workers[0]:
-                fresh = shapes_questions(args.images * 2)[args.images:]  # images the server has not seen
+                # images the server has not seen
+                fresh = shapes_questions(args.images + args.follow_ups)[args.images:]
                 figures["floors"]["follow_up"] = follow_up_ratio(url, args.model, fresh, args.max_tokens, threads)
-                figures["floors"]["decode"] = decode_floor(url, args.model, questions, args.decode_tokens, threads)
+                figures["floors"]["decode"] = decode_floor(url, args.model, questions, args.decode_tokens, threads,
+                                                           args.decode_rounds)
             for clients in args.clients:
                 run = load_run(url, proc.pid, workers, clients, args.requests, questions, args.max_tokens)
                 row = run.figures()
@@ -351,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(60)
+    figures["machine"]["load_average_after"] = os.getloadavg()
     checks = _checks(figures)
     figures["floors"]["checks"] = checks
     for name, ok in checks.items():

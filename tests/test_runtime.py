@@ -12,6 +12,7 @@ backend (the miniature is 64 wide, 2 layers).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -36,7 +37,7 @@ from tinyllava_edge.export.checks import QUESTIONS, synthetic_images  # noqa: E4
 from tinyllava_edge.runtime import GenerationStats, Probes, detect, plan_device, sampling_params  # noqa: E402
 from tinyllava_edge.runtime.backend import positions  # noqa: E402
 from tinyllava_edge.runtime.devices import ALL_LAYERS, fit_context  # noqa: E402
-from tinyllava_edge.runtime.images import ImageCache  # noqa: E402
+from tinyllava_edge.runtime.images import ImageCache, ImageSource  # noqa: E402
 from tinyllava_edge.runtime.sampling import TextStream, next_token  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,6 +277,72 @@ def test_image_cache_skips_the_encoder(paths, images, tmp_path):
     cache.put("a", np.zeros(1))
     cache.put("b", np.ones(1))
     assert cache.get("a") is None and cache.get("b") is not None and len(cache) == 1
+
+
+class PngSource(ImageSource):
+    """An image as a server receives it: PNG (or `fmt`) bytes named by their hash; counts its decodes."""
+
+    def __init__(self, array: np.ndarray, fmt: str = "PNG"):
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, fmt)
+        self.data = buf.getvalue()
+        self.decodes = 0
+
+    @property
+    def source_key(self) -> str:
+        return hashlib.blake2b(self.data, digest_size=16).hexdigest()
+
+    def decode(self):
+        from PIL import Image
+
+        self.decodes += 1
+        return Image.open(io.BytesIO(self.data))
+
+
+def test_image_source_is_found_by_its_bytes(paths, images):
+    """Bytes seen before skip decoding, preprocessing and the encoder and give the same answer as a
+    miss and as the plain image; an image of the same size with one pixel changed gets its own entry;
+    other bytes of the same pixels share the pixels' entry; the names are bounded like the entries."""
+    sample = {"max_new_tokens": 6, "temperature": 1.0, "seed": 3}  # varied tokens: answers that show the image
+    near = images[1].copy()
+    near[0, 0] ^= 255  # same size, one pixel different
+    with tinyllava_edge.load(paths["bundle"], image_cache_size=2, **EXACT) as vlm, \
+            tinyllava_edge.load(paths["bundle"], image_cache_size=0, **EXACT) as plain:
+        first = PngSource(images[1])
+        miss, stats = vlm.generate(first, "What?", return_stats=True, **sample)
+        assert first.decodes == 1 and stats.image_cache_hits == 0 and vlm.encoder_calls == 1
+        again = PngSource(images[1])  # the same bytes in another request
+        hit, stats = vlm.generate(again, "What?", return_stats=True, **sample)
+        assert again.decodes == 0 and stats.image_cache_hits == 1 and vlm.encoder_calls == 1
+        assert hit == miss == plain.generate(images[1], "What?", **sample)
+
+        other = PngSource(near)
+        answer, stats = vlm.generate(other, "What?", return_stats=True, **sample)
+        assert other.decodes == 1 and stats.image_cache_hits == 0 and vlm.encoder_calls == 2
+        assert answer == plain.generate(near, "What?", **sample)
+        rows_near, rows_first = vlm.encode_images([PngSource(near), PngSource(images[1])])
+        assert not np.array_equal(rows_near, rows_first)
+        np.testing.assert_array_equal(rows_first, plain.encode_images([images[1]])[0])
+
+        bmp = PngSource(images[1], "BMP")  # other bytes, the same pixels: decoded once, the pixels' entry
+        _, stats = vlm.generate(bmp, "What?", return_stats=True, **sample)
+        assert bmp.decodes == 1 and stats.image_cache_hits == 1 and vlm.encoder_calls == 2
+
+        vlm.generate(PngSource(images[2]), "What?", max_new_tokens=1)  # 2 names kept: images[1]'s PNG is forgotten
+        assert vlm.image_cache.find_source(first.source_key) is None
+        late = PngSource(images[1])  # decoded again; its pixels' entry is still there
+        assert vlm.generate(late, "What?", **sample) == miss and late.decodes == 1 and vlm.encoder_calls == 3
+    cache = ImageCache(2)
+    cache.put("p1", np.zeros(1))
+    for name in ("s1", "s2", "s3"):
+        cache.name_source(name, "p1")
+    assert cache.find_source("s1") is None and cache.find_source("s3")[0] == "p1"  # the oldest name went
+    cache.put("p2", np.ones(1))
+    cache.put("p3", np.ones(1))  # p1's rows went: its names lead nowhere
+    assert cache.find_source("s3") is None and len(cache) == 2
+    assert ImageCache(0).find_source("s1") is None
 
 
 def test_prefix_reuse_answers_as_a_fresh_prefill(paths, images):

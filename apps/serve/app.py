@@ -79,28 +79,23 @@ def build_app(settings: ServeSettings, *, loader: Callable[..., VLM] | None = No
             chat = await run_in_threadpool(_parse, body, policy, settings.served_model_name)
         else:
             chat = _parse(body, policy, settings.served_model_name)
+        reply = Reply(settings.served_model_name, chat.include_usage)  # made first: the worker starts at once
         job = pool.submit(chat, arrived)
-        watcher = asyncio.ensure_future(watch_disconnect(request.receive, job))
-        reply = Reply(settings.served_model_name, chat.include_usage)
+        watcher = asyncio.ensure_future(watch_disconnect(request.receive, pool, job))
         try:
             kind, value = await job.events.get()
             if chat.stream and kind in ("piece", "done"):  # the request did not fail before its first token
-                stream = EventStream(pool, job, watcher, (kind, value), reply)
-                watcher = None  # the stream owns it now, and cancels the job if the client goes
+                stream = EventStream(pool, job, watcher, (kind, value), reply, settings.stream_interval_s)
+                watcher = None  # the stream owns it now
                 return stream
-            pieces = []
-            while kind == "piece":
-                pieces.append(value)
-                kind, value = await job.events.get()
         finally:
             if watcher is not None:
                 watcher.cancel()
-        if kind == "gone":  # the client went away: stop its generation; nobody reads this answer
-            pool.cancel(job)
+        if kind == "gone":  # the client went away (its generation was stopped): nobody reads this answer
             return Response(status_code=499)
         if kind == "error":
             raise value
-        return JSONResponse(reply.completion("".join(pieces), value))
+        return JSONResponse(reply.completion(job.take_pieces(), value))
 
     def model_card() -> dict:
         card = {"id": settings.served_model_name, "object": "model", "created": started, "owned_by": OWNER}

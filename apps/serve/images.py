@@ -8,13 +8,15 @@
   ``..`` are resolved.
 
 A request keeps its images encoded (:class:`RequestImage`) while it waits for a worker, so the
-queue holds at most its bodies' bytes; the worker decodes them (:meth:`RequestImage.decode`) the
-demo's way (:func:`tinyllava_edge.apps.uploads.open_image`): the declared size is checked against
-``max_image_pixels`` before any pixel is decoded (a PNG bomb declares its size in its header),
-the image is decoded fully (a truncated one is refused unless the server was started with
---allow-truncated-images, as everywhere: tinyllava_edge/data/images.py) and converted to RGB the
-runtime's way.
-A problem found there is still answered before the first token: 413 over a cap, 400 otherwise.
+queue holds at most its bodies' bytes. A RequestImage is a runtime ImageSource named by the hash
+of its bytes: an image the workers' shared cache has seen (a follow-up sends the conversation's
+image again) goes to its embeddings without being decoded. Otherwise the worker decodes it
+(:meth:`RequestImage.decode`) the demo's way (:func:`tinyllava_edge.apps.uploads.open_image`):
+the declared size is checked against ``max_image_pixels`` before any pixel is decoded (a PNG
+bomb declares its size in its header), the image is decoded fully (a truncated one is refused
+unless the server was started with --allow-truncated-images, as everywhere:
+tinyllava_edge/data/images.py) and converted to RGB the runtime's way. A problem found there
+is still answered before the first token: 413 over a cap, 400 otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from PIL import Image
 from tinyllava_edge.apps.serve.errors import ApiError, bad_request
 from tinyllava_edge.apps.uploads import MAX_SIDE, ImageTooLarge, open_image
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.runtime.images import ImageSource
 
 TAKER = "the server"
 _DATA_URI = re.compile(r"data:(?P<type>[^,;]*)(?P<params>(;[^,;]*)*?),(?P<data>.*)", re.DOTALL)
@@ -51,11 +54,15 @@ class ImagePolicy:
 
 
 @dataclass(frozen=True)
-class RequestImage:
+class RequestImage(ImageSource):
     data: bytes  # the image file as sent
     param: str  # the request field it came in, for messages
     policy: ImagePolicy
-    digest: str  # of `data`: which requests show the same picture (worker affinity)
+    digest: str  # of `data`: which requests show the same picture (worker affinity, the image cache)
+
+    @property
+    def source_key(self) -> str:
+        return self.digest
 
     def decode(self) -> Image.Image:
         """The RGB image, fully decoded; ApiError 413 over the pixel caps, 400 for anything unusable."""

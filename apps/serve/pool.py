@@ -4,7 +4,8 @@ A worker is one runtime instance (``tinyllava_edge.load``: a model and its own K
 thread that answers its jobs one after another. The pool lives in the event loop: it admits at
 most ``workers + queue`` requests at once (counted from before their body is read; past that 429
 with a ``Retry-After`` estimated from recent service times), hands a job to an idle worker or
-queues it. Tokens go back to the event loop as they are chosen.
+queues it. Tokens go back to the event loop as they are chosen, in batches: the worker adds each
+to its job and wakes the loop only when the loop has taken the previous batch (Job).
 
 Reuse across requests. An OpenAI client sends the whole conversation each time; the worker
 renders it with the model's template as ``VLM.chat()`` does (``{system} USER: <image>\\n{q1}
@@ -15,7 +16,8 @@ only its new tokens. For that the follow-up must reach the same worker: each wor
 the affinity keys (system prompt + first image) of its recent requests, an idle worker that holds
 the key is preferred, and a worker that frees up takes the first queued job it holds the key of
 (looking a few places down the queue) before the head. Image embeddings are one cache shared by
-all workers (ImageCache is thread-safe), so even a miss skips the vision encoder.
+all workers (ImageCache is thread-safe), found by the image's bytes, so a repeated image is
+neither decoded nor preprocessed nor encoded again, even on another worker.
 
 Cancelling: when the client goes away, the job is taken out of the queue, or its worker stops
 after the token it is choosing (the stream is closed between two tokens) and takes the next job.
@@ -51,6 +53,12 @@ log = logging.getLogger("tinyllava_edge.serve")
 AFFINITY_KEYS = 64  # keys a worker remembers; its prefix store holds about a dozen image prefixes anyway
 AFFINITY_SCAN = 8  # queued jobs a freed worker looks through for one it holds the key of
 SERVICE_EWMA = 0.2  # weight of the latest request in the service-time estimate behind Retry-After
+# How long a worker waits, after a streamed answer's first text, for the event loop to write it
+# before it computes the next token. Decoding keeps every core busy (llama.cpp's threads, one per
+# physical core), so the loop thread would otherwise wait for a core and for the GIL to send the
+# first chunk; with the worker paused it gets both at once. The wait is a fraction of a
+# millisecond when the loop is free; the cap bounds it when the loop is busy with other clients.
+FIRST_CHUNK_WAIT_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,11 @@ class Outcome:
 
 
 class Job:
-    """One request on its way: events ("piece", text) | ("done", Outcome) | ("error", ApiError) in `events`."""
+    """One request on its way. The worker adds the answer's text with `add_piece`; the event loop
+    takes what has come with `take_pieces`. `events` tells the loop what happened: ("piece", None)
+    when text is waiting (streams only: once until it is taken, so a batch of tokens costs one
+    hand-off between the threads, however many tokens the worker chose meanwhile), then
+    ("done", Outcome) | ("error", ApiError), or ("gone", None) when the client left."""
 
     def __init__(self, request: ChatRequest, loop: asyncio.AbstractEventLoop, arrived: float):
         self.request = request
@@ -70,11 +82,29 @@ class Job:
         self.arrived = arrived  # time.perf_counter() when the request came in
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.ended = False  # its last event was posted (loop thread)
         self._loop = loop
+        self._pieces: list[str] = []
+        self._lock = threading.Lock()
+        self._signalled = False  # a ("piece", None) event is posted and its text not taken yet
+        self.first_written = threading.Event()  # set by the stream once the first text went out (or it ended)
 
-    def emit(self, kind: str, value) -> None:
-        """From the worker thread: hand an event to the event loop."""
-        self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+    def add_piece(self, piece: str) -> None:
+        """From the worker thread: more text; the loop hears of it only if it took the last batch."""
+        with self._lock:
+            self._pieces.append(piece)
+            if self._signalled or not self.request.stream:  # a plain answer is taken whole at "done"
+                return
+            self._signalled = True
+        self._loop.call_soon_threadsafe(self.events.put_nowait, ("piece", None))
+
+    def take_pieces(self) -> str:
+        """From the event loop: the text added since the last call (the next piece signals again)."""
+        with self._lock:
+            text = "".join(self._pieces)
+            self._pieces.clear()
+            self._signalled = False
+        return text
 
 
 class Worker:
@@ -122,8 +152,8 @@ class Worker:
         vlm, request = self.vlm, job.request
         stats = GenerationStats()
         try:
-            images = [image.decode() for image in request.images]  # decoded here: the queue holds bytes
-            rows = vlm.encode_images(images, [stats] * len(images))
+            # decoded here (the queue holds bytes), unless the shared cache knows these bytes already
+            rows = vlm.encode_images(request.images, [stats] * len(request.images))
             segments = render_segments(vlm, request, rows)
             prompt_tokens = positions(segments)
             params = sampling_params(answer_budget(request.max_tokens, prompt_tokens, vlm.n_ctx,
@@ -133,11 +163,15 @@ class Worker:
             if request.ignore_eos:  # this worker's thread alone uses its backend: restored below
                 vlm.backend.stop_ids = frozenset()
             stream = vlm.decode(segments, params, stats, fresh=True, started=job.arrived)
+            first = request.stream  # a stream's first text goes out before the next token (FIRST_CHUNK_WAIT_S)
             try:
                 for piece in stream:
                     if job.cancelled.is_set():
                         break  # before the next token is evaluated: closing the stream ends the decode
-                    job.emit("piece", piece)
+                    job.add_piece(piece)
+                    if first:
+                        first = False
+                        job.first_written.wait(FIRST_CHUNK_WAIT_S)
             finally:
                 stream.close()
                 vlm.backend.stop_ids = stop_ids
@@ -283,7 +317,10 @@ class WorkerPool:
         return job
 
     def cancel(self, job: Job) -> None:
-        """The client went away: out of the queue, or stop its generation at the next token."""
+        """The client went away: out of the queue, or stop its generation at the next token (once;
+        nothing to do for a job that has ended)."""
+        if job.cancelled.is_set() or job.ended:
+            return
         job.cancelled.set()
         try:
             self._waiting.remove(job)
@@ -303,6 +340,7 @@ class WorkerPool:
                 self._release(worker)
         finally:
             if last is not None:  # after the release: the answer reaches its client with the worker free
+                job.ended = True
                 job.events.put_nowait(last)
 
     def _release(self, worker: Worker) -> None:

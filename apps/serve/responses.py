@@ -8,13 +8,15 @@ status line is gone) is one ``data: {"error": {...}}`` event before ``[DONE]``, 
 and vLLM's servers do.
 
 The client going away is noticed from the connection itself (ASGI ``http.disconnect``), also
-while no token is being written, and the job is cancelled at once.
+while no token is being written, and the job is cancelled at once. The role delta goes out in
+one write with the first text, and the finish chunk with the last.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
 
@@ -67,61 +69,71 @@ def event(body: dict) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def watch_disconnect(receive, job: Job) -> None:
-    """Puts ("gone", None) among the job's events when the client goes away (the body was read)."""
+async def watch_disconnect(receive, pool: WorkerPool, job: Job) -> None:
+    """When the client goes away (the body was read): cancel its job at once (the worker stops
+    before its next token, whatever the stream is doing), and put ("gone", None) among its events."""
     while (await receive())["type"] != "http.disconnect":
         pass
+    pool.cancel(job)
     job.events.put_nowait(("gone", None))
 
 
-def more_pieces(job: Job, text: str) -> tuple[str, tuple | None]:
-    """`text` and the pieces queued behind it, joined (a client that reads slower than tokens come
-    gets them in fewer chunks), and the next event if one other than a piece is queued already."""
-    pieces = [text]
-    while not job.events.empty():
-        event_ = job.events.get_nowait()
-        if event_[0] != "piece":
-            return "".join(pieces), event_
-        pieces.append(event_[1])
-    return "".join(pieces), None
-
-
 class EventStream:
-    """An ASGI response streaming one job's tokens as chunk events; `first` is the event already taken
-    (the stream starts only once the request has not failed before its first token)."""
+    """An ASGI response streaming one job's text as chunk events; `first` is the event already taken
+    (the stream starts only once the request has not failed before its first token).
 
-    def __init__(self, pool: WorkerPool, job: Job, watcher: asyncio.Task, first: tuple, reply: Reply):
+    Text goes out as soon as it comes, but no sooner than `interval` seconds after the previous
+    chunk: tokens that come faster are joined into one chunk (the first goes out at once, and the
+    end flushes at once). At thousands of tokens per second one chunk per token costs the event
+    loop and the client more CPU than the model; at the tens per second of a larger model every
+    token is its own chunk anyway."""
+
+    def __init__(self, pool: WorkerPool, job: Job, watcher: asyncio.Task, first: tuple, reply: Reply,
+                 interval: float = 0.0):
         self.pool, self.job, self.watcher, self.first, self.reply = pool, job, watcher, first, reply
+        self.interval = interval
 
     async def __call__(self, scope, receive, send) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                    (b"x-accel-buffering", b"no")]
         reply, job = self.reply, self.job
-        answered = False  # the job ended (done or error): nothing to cancel
+        loop = asyncio.get_running_loop()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await self._send(send, reply.chunk({"role": "assistant", "content": ""}))
+            head = reply.chunk({"role": "assistant", "content": ""})  # goes out with the first text
             kind, value = self.first
+            sent = -math.inf  # loop.time() of the last chunk
             while kind == "piece":
-                text, queued = more_pieces(job, value)
-                await self._send(send, reply.content(text))
-                kind, value = queued or await job.events.get()
+                wait = sent + self.interval - loop.time()
+                if wait > 0:  # only an ending can come meanwhile: the worker signals once per batch
+                    try:
+                        kind, value = await asyncio.wait_for(job.events.get(), wait)
+                        break
+                    except asyncio.TimeoutError:
+                        pass
+                text = job.take_pieces()
+                if text:
+                    await self._send(send, head + reply.content(text))
+                    head, sent = b"", loop.time()
+                    job.first_written.set()  # the worker computes the next token now
+                kind, value = await job.events.get()
             if kind == "gone":
-                return  # finally cancels the job
-            answered = True
+                return
             if kind == "done":
-                await self._send(send, reply.chunk({}, value.finish_reason))
+                text = job.take_pieces()  # what came while the stream waited out its interval
+                await self._send(send, head + (reply.content(text) if text else b"") +
+                                 reply.chunk({}, value.finish_reason))
                 if reply.include_usage:
                     await self._send(send, reply.chunk(None, usage_=usage(value)))
             else:  # "error" after the status line went out
-                await self._send(send, event(value.body()))
+                await self._send(send, head + event(value.body()))
             await send({"type": "http.response.body", "body": DONE, "more_body": False})
         except OSError:
             return  # the connection broke while writing: finally cancels the job
         finally:
+            job.first_written.set()  # a worker never waits on a stream that ended
             self.watcher.cancel()
-            if not answered:
-                self.pool.cancel(job)
+            self.pool.cancel(job)  # nothing to do when it ended
             self.pool.release()
 
     @staticmethod

@@ -12,6 +12,7 @@ DEFAULT_QUEUE = 32  # requests waiting for a worker before 429
 DEFAULT_MAX_BODY_MB = 20.0
 DEFAULT_MAX_IMAGE_MB = 10.0  # the demo's upload cap too
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # a 12-16 MP phone photo passes; the towers take <= 384 px anyway
+DEFAULT_STREAM_INTERVAL_MS = 10.0  # least time between two chunks of a stream (faster tokens are joined)
 DEFAULT_MAX_TOKENS = 256  # answer length when a request does not say (the runtime's default), capped by the context
 API_KEY_ENV = "TINYLLAVA_API_KEY"
 
@@ -30,6 +31,7 @@ class ServeSettings:
     max_image_bytes: int = int(DEFAULT_MAX_IMAGE_MB * 2**20)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     default_max_tokens: int = DEFAULT_MAX_TOKENS
+    stream_interval_s: float = DEFAULT_STREAM_INTERVAL_MS / 1e3
     threads: int | None = None  # CPU threads per worker; None: the physical cores shared out among the workers
     allow_truncated_images: bool = False  # decode truncated images instead of refusing them (data/images.py)
     load_options: dict = field(default_factory=dict)  # more options for tinyllava_edge.load

@@ -246,6 +246,142 @@ def test_ignore_eos_decodes_max_tokens(miniature_bundle):
         assert usage() == (1, "stop")
 
 
+def test_a_repeated_image_is_not_decoded_again(miniature_bundle, monkeypatch):
+    """An image whose bytes the server has seen goes to its cached embeddings undecoded, with the
+    answer of a miss; another image of the same size is decoded and encoded on its own."""
+    from tinyllava_edge.apps.serve.images import RequestImage
+
+    decodes = []
+    decode = RequestImage.decode
+    monkeypatch.setattr(RequestImage, "decode", lambda self: decodes.append(self.digest) or decode(self))
+    with serving(miniature_bundle, SlowLoader(delay=0)) as (url, _):
+        wait_ready(url)
+
+        def answer(seed):
+            out = httpx.post(url + "/v1/chat/completions", json={**body(image_seed=seed, max_tokens=8),
+                                                                 "temperature": 1.0, "seed": 11}, timeout=60)
+            assert out.status_code == 200, out.text
+            return out.json()["choices"][0]["message"]["content"]
+
+        miss = answer(1)
+        assert answer(1) == miss and len(decodes) == 1
+        assert metric(url, "tinyllava_image_cache_hits_total") == 1
+        answer(2)  # also 32 x 32 pixels
+        assert len(decodes) == 2 and decodes[0] != decodes[1]
+        assert metric(url, "tinyllava_image_cache_hits_total") == 1
+
+
+def _stream(url: str, request: dict) -> tuple[list[str], dict, float, float]:
+    """(content deltas, usage, seconds to the first content, seconds to [DONE]) of a streamed request;
+    checks the framing around them: role first, finish then usage, then [DONE]."""
+    began = time.monotonic()
+    first = None
+    contents, events = [], []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=request, timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: "), line
+            events.append(line[len("data: "):])
+            if events[-1] != "[DONE]" and json.loads(events[-1])["choices"]:
+                content = json.loads(events[-1])["choices"][0]["delta"].get("content")
+                if content:
+                    first = first or time.monotonic() - began
+                    contents.append(content)
+    done = time.monotonic() - began
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1]["choices"] == []
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-2]] == [None] * (len(chunks) - 2)
+    return contents, chunks[-1]["usage"], first, done
+
+
+def test_streamed_tokens_come_in_batches_complete_and_in_order(miniature_bundle):
+    """Tokens faster than the stream interval are joined into fewer chunks that add up to the plain
+    answer; the first chunk and the end are not held back by the interval."""
+    request = {**body(max_tokens=60, stream=True), "temperature": 1.0, "seed": 5}  # varied tokens
+    with serving(miniature_bundle, SlowLoader(delay=0.002), stream_interval_s=0.05) as (url, _):
+        wait_ready(url)
+        plain = httpx.post(url + "/v1/chat/completions", json={**request, "stream": False}, timeout=60).json()
+        contents, usage, _, _ = _stream(url, request)
+        assert "".join(contents) == plain["choices"][0]["message"]["content"]
+        assert usage["completion_tokens"] == 60 and len(contents) <= 30  # ~2 ms a token, a chunk per 50 ms
+    with serving(miniature_bundle, SlowLoader(delay=0.02), stream_interval_s=30.0) as (url, _):
+        wait_ready(url)
+        request["max_tokens"] = 10
+        plain = httpx.post(url + "/v1/chat/completions", json={**request, "stream": False}, timeout=60).json()
+        contents, usage, first, done = _stream(url, request)
+        assert "".join(contents) == plain["choices"][0]["message"]["content"]
+        assert len(contents) == 2 and first < 5 and done < 10  # the first at once, the rest with the finish
+
+
+def test_the_first_chunk_goes_out_before_the_next_token(miniature_bundle, monkeypatch):
+    """A streamed answer's worker waits, after the first text, until the stream has written it
+    (here the write takes 0.3 s and the wait may last 5 s): no token is evaluated meanwhile."""
+    import asyncio
+
+    from tinyllava_edge.apps.serve import pool, responses
+
+    monkeypatch.setattr(pool, "FIRST_CHUNK_WAIT_S", 5.0)
+    written = []
+    send = responses.EventStream._send
+
+    async def slow_send(send_, data):
+        if not written:
+            await asyncio.sleep(0.3)
+        await send(send_, data)
+        written.append(time.monotonic())
+
+    monkeypatch.setattr(responses.EventStream, "_send", staticmethod(slow_send))
+    loader = SlowLoader(delay=0)
+    with serving(miniature_bundle, loader) as (url, _):
+        wait_ready(url)
+        contents, usage, first, done = _stream(url, body(max_tokens=5, stream=True))
+    assert usage["completion_tokens"] == 5 and done < 4  # the wait ended with the write, not after 5 s
+    prompt, after_first = loader.times[:2]  # the prompt's evaluation, then the first token's
+    assert after_first >= written[0] > prompt + 0.25
+
+
+def test_disconnect_stops_generation_while_the_stream_waits_out_its_interval(miniature_bundle):
+    loader = SlowLoader()
+    with serving(miniature_bundle, loader, stream_interval_s=30.0) as (url, _):
+        wait_ready(url)
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", url + "/v1/chat/completions", json=body(max_tokens=LONG, stream=True)) as r:
+                content_chunks(r.iter_lines(), 1)
+                time.sleep(0.2)
+                gone = time.monotonic()
+        time.sleep(0.5)
+        assert len([t for t in loader.times if t > gone]) <= 2
+        assert metric(url, "tinyllava_cancelled_requests_total") == 1
+
+
+def test_a_batch_of_pieces_is_one_hand_off():
+    """The worker's pieces reach the event loop as one ("piece", None) event until the loop takes
+    them, joined in order; the next piece signals again; a plain answer's pieces signal nothing."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from tinyllava_edge.apps.serve.pool import Job
+
+    async def run(stream: bool):
+        job = Job(SimpleNamespace(affinity="k", stream=stream), asyncio.get_running_loop(), 0.0)
+        worker = threading.Thread(target=lambda: [job.add_piece(f"{i},") for i in range(200)])
+        worker.start()
+        await asyncio.to_thread(worker.join)
+        await asyncio.sleep(0)
+        queued = job.events.qsize()
+        text = job.take_pieces()
+        job.add_piece("end")
+        await asyncio.sleep(0)
+        return queued, text, job.events.qsize(), job.take_pieces()
+
+    queued, text, after, rest = asyncio.run(run(stream=True))
+    assert queued == 1 and text == "".join(f"{i}," for i in range(200)) and after == 2 and rest == "end"
+    assert asyncio.run(run(stream=False))[::2] == (0, 0)
+
+
 def test_api_key_is_required_on_v1_only(miniature_bundle):
     with serving(miniature_bundle, SlowLoader(delay=0), api_key="sk-right") as (url, _):
         wait_ready(url)
@@ -287,6 +423,8 @@ def _one_error_line(proc: subprocess.CompletedProcess, pattern: str) -> None:
 def test_cli_refuses_bad_arguments_in_one_line(tmp_path, miniature_bundle):
     _one_error_line(_serve("--model", str(tmp_path / "missing")), "does not exist")
     _one_error_line(_serve("--model", str(miniature_bundle), "--workers", "0"), "--workers must be at least 1")
+    _one_error_line(_serve("--model", str(miniature_bundle), "--stream-interval-ms", "-1"),
+                    "--stream-interval-ms must be between 0 and 1000")
     _one_error_line(_serve("--model", str(miniature_bundle), "--allow-files", str(tmp_path / "nope")),
                     "is not a directory")
     with socket.create_server(("127.0.0.1", 0)) as taken:
@@ -312,6 +450,9 @@ def test_cli_settings(tmp_path, miniature_bundle, monkeypatch):
     settings = settings_from_args(build_parser().parse_args(["--model", str(miniature_bundle), "--api-key", "sk-flag",
                                                              "--max-image-mb", "0.5"]))
     assert settings.api_key == "sk-flag" and settings.max_image_bytes == 2**19
+    assert settings.stream_interval_s == 0.01
+    assert settings_from_args(build_parser().parse_args(["--model", str(miniature_bundle), "--stream-interval-ms",
+                                                         "25"])).stream_interval_s == 0.025
     assert build_parser().parse_args([]).host == "127.0.0.1"
 
 

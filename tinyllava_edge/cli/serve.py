@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest encoded image, in MiB (%(default)s)")
     parser.add_argument("--max-image-pixels", type=int, default=d.DEFAULT_MAX_IMAGE_PIXELS,
                         help="most pixels of one decoded image (%(default)s)")
+    parser.add_argument("--stream-interval-ms", type=float, default=d.DEFAULT_STREAM_INTERVAL_MS,
+                        help="least time between two chunks of a streamed answer; tokens that come faster are "
+                             "joined into one chunk, the first goes out at once (%(default)s; 0: a chunk per batch "
+                             "the event loop finds ready)")
     parser.add_argument("--threads", type=int, help="CPU threads per worker (default: the physical cores shared out "
                                                     "among the workers)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
@@ -87,6 +91,8 @@ def settings_from_args(args: argparse.Namespace):
         raise TinyLlavaError(f"--queue must be 0 or more, got {args.queue}")
     if args.threads is not None and args.threads < 1:
         raise TinyLlavaError(f"--threads must be at least 1, got {args.threads}")
+    if not 0 <= args.stream_interval_ms <= 1000:
+        raise TinyLlavaError(f"--stream-interval-ms must be between 0 and 1000, got {args.stream_interval_ms}")
     for name in ("max_body_mb", "max_image_mb", "max_image_pixels"):
         if getattr(args, name) <= 0:
             raise TinyLlavaError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -97,7 +103,7 @@ def settings_from_args(args: argparse.Namespace):
         workers=args.workers, queue=args.queue, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         allow_files=args.allow_files, cors_origins=tuple(args.cors_origin),
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
-        max_image_pixels=args.max_image_pixels, threads=args.threads,
+        max_image_pixels=args.max_image_pixels, threads=args.threads, stream_interval_s=args.stream_interval_ms / 1e3,
         allow_truncated_images=args.allow_truncated_images)
 
 

@@ -9,6 +9,7 @@ anything that changes what the encoder sees changes the key.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import threading
@@ -42,15 +43,56 @@ def prepare_image(image, config: PreprocessConfig, allow_truncated: bool = False
     return PreparedImage(pixels, digest.hexdigest())
 
 
+class ImageSource(abc.ABC):
+    """An image not decoded yet: `decode()` gives it (a PIL image, an array or a path), and
+    `source_key` names its encoded bytes (a hash of them), so that a cache finds its embeddings
+    without decoding it. Equal keys must mean equal bytes."""
+
+    @property
+    @abc.abstractmethod
+    def source_key(self) -> str: ...
+
+    @abc.abstractmethod
+    def decode(self): ...
+
+
 class ImageCache:
-    """`capacity` embeddings by key, least recently used dropped first (0: no caching)."""
+    """`capacity` embeddings by key, least recently used dropped first (0: no caching); and up to
+    `capacity` source keys (:class:`ImageSource`), each naming the key of the pixels it decoded to.
+
+    One cache serves one model (its preprocessing and encoder): VLMs of the same bundle may share it.
+    """
 
     def __init__(self, capacity: int = DEFAULT_CACHE_SIZE):
         self.capacity = capacity
         self._rows: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._sources: OrderedDict[str, str] = OrderedDict()  # source key -> pixel key
         self._lock = threading.Lock()  # threads sharing a VLM encode images before one of them decodes
         self.hits = 0
         self.misses = 0
+
+    def find_source(self, source_key: str) -> tuple[str, np.ndarray] | None:
+        """(pixel key, rows) of the image whose bytes `source_key` names, if both are still here
+        (a hit); None otherwise (not counted: the caller decodes and looks the pixels up)."""
+        with self._lock:
+            key = self._sources.get(source_key)
+            rows = None if key is None else self._rows.get(key)
+            if rows is None:
+                return None
+            self._sources.move_to_end(source_key)
+            self._rows.move_to_end(key)
+            self.hits += 1
+            return key, rows
+
+    def name_source(self, source_key: str, key: str) -> None:
+        """Remember that the bytes `source_key` names decode to the pixels `key` names."""
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._sources[source_key] = key
+            self._sources.move_to_end(source_key)
+            while len(self._sources) > self.capacity:
+                self._sources.popitem(last=False)
 
     def get(self, key: str) -> np.ndarray | None:
         with self._lock:
@@ -74,6 +116,7 @@ class ImageCache:
     def clear(self) -> None:
         with self._lock:
             self._rows.clear()
+            self._sources.clear()
 
     def __len__(self) -> int:
         return len(self._rows)

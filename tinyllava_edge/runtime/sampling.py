@@ -63,8 +63,8 @@ def sampling_params(max_new_tokens: int = 256, temperature: float = 0.0, top_p: 
                           None if seed is None else int(seed), stops)
 
 
-def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from `logits` (n_vocab,)."""
+def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None) -> int:
+    """One token id from `logits` (n_vocab,); `rng` may be None when `params` are greedy."""
     if params.greedy:
         return int(np.argmax(logits))
     scaled = np.asarray(logits, dtype=np.float64) / params.temperature

@@ -33,7 +33,7 @@ from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.llamacpp import split_segments
 from tinyllava_edge.runtime.backend import Backend, positions
-from tinyllava_edge.runtime.images import DEFAULT_CACHE_SIZE, ImageCache, prepare_image
+from tinyllava_edge.runtime.images import DEFAULT_CACHE_SIZE, ImageCache, ImageSource, prepare_image
 from tinyllava_edge.runtime.sampling import SamplingParams, TextStream, next_token, sampling_params
 from tinyllava_edge.runtime.stats import GenerationStats, peak_rss_bytes
 
@@ -119,27 +119,44 @@ class VLM:
     def encode_images(self, images: Sequence[Any], stats: list[GenerationStats] | None = None) -> list[np.ndarray]:
         """(N, n_embd) rows per image, from the cache or the encoder (`vision_batch_size` at a time).
 
-        With `stats` (one per image), each gets its share of the time and whether it was cached.
+        An image is a path, a PIL image, an (H, W, 3) uint8 array or an
+        :class:`~tinyllava_edge.runtime.images.ImageSource`: one whose bytes were seen before is
+        neither decoded nor preprocessed again. With `stats` (one per image), each gets its share
+        of the time and whether it was cached.
         """
         started = time.perf_counter()
-        prepared = [prepare_image(image, self.backend.preprocess, self.allow_truncated_images) for image in images]
-        prep_ms = (time.perf_counter() - started) * 1e3 / max(1, len(prepared))
+        cache = self.image_cache
+        keys: list[str] = []  # each image's pixel key, in order
         found: dict[str, np.ndarray] = {}
         hits: set[str] = set()
         todo: dict[str, np.ndarray] = {}
-        for p in prepared:
+        for image in images:
+            source = image.source_key if isinstance(image, ImageSource) else None
+            known = None if source is None else cache.find_source(source)
+            if known is not None:
+                key, rows = known
+                found[key] = rows
+                hits.add(key)
+                keys.append(key)
+                continue
+            p = prepare_image(image.decode() if source is not None else image, self.backend.preprocess,
+                              self.allow_truncated_images)
+            keys.append(p.key)
+            if source is not None:
+                cache.name_source(source, p.key)
             if p.key in found or p.key in todo:
                 continue
-            rows = self.image_cache.get(p.key)
+            rows = cache.get(p.key)
             if rows is None:
                 todo[p.key] = p.pixels
             else:
                 found[p.key] = rows
                 hits.add(p.key)
+        prep_ms = (time.perf_counter() - started) * 1e3 / max(1, len(keys))
         encode_ms: dict[str, float] = {}
-        keys = list(todo)
-        for start in range(0, len(keys), self.vision_batch_size):
-            chunk = keys[start:start + self.vision_batch_size]
+        batch = list(todo)
+        for start in range(0, len(batch), self.vision_batch_size):
+            chunk = batch[start:start + self.vision_batch_size]
             t = time.perf_counter()
             rows = self.backend.encode_images(np.stack([todo[k] for k in chunk]))  # (B, N, n_embd)
             share = (time.perf_counter() - t) * 1e3 / len(chunk)
@@ -148,13 +165,13 @@ class VLM:
             for key, r in zip(chunk, rows):
                 found[key] = r
                 encode_ms[key] = share
-                self.image_cache.put(key, r)
+                cache.put(key, r)
         if stats is not None:
-            for p, s in zip(prepared, stats):
+            for key, s in zip(keys, stats):
                 s.images += 1
-                s.image_encode_ms += prep_ms + encode_ms.pop(p.key, 0.0)  # a repeat in the batch costs nothing
-                s.image_cache_hits += p.key in hits
-        return [found[p.key] for p in prepared]
+                s.image_encode_ms += prep_ms + encode_ms.pop(key, 0.0)  # a repeat in the batch costs nothing
+                s.image_cache_hits += key in hits
+        return [found[k] for k in keys]
 
     # -- one-shot generation --------------------------------------------------------------------------
 
@@ -265,7 +282,8 @@ class VLM:
         stats.prefill_ms = (time.perf_counter() - t) * 1e3
         stats.prefix_reused = getattr(backend, "last_reused", 0) if fresh else 0
         stats.prefill_tokens = positions(segments) - stats.prefix_reused
-        rng = np.random.default_rng(params.seed)
+        # greedy draws nothing; a generator seeded from OS entropy costs 10-100 us before the first token
+        rng = None if params.greedy else np.random.default_rng(params.seed)
         text = TextStream(self.template.stop + params.stop)
         detokenizer = backend.detokenizer()
         tokens: list[int] = []

@@ -171,7 +171,7 @@ def parity(bundle: Path, args) -> dict:
     rows = vlm.encode_images([images[-1]])[0]
     _raw(raw, _raw_ids(vlm, rows, QUESTION, 10**6), n, cold=True)
     runs: dict[str, list[dict]] = {"ours fixed": [], "ours auto": [], "raw": []}
-    for r in range(args.rounds):
+    for r in range(0 if args.no_parity else args.rounds):
         order = ["ours fixed", "raw", "ours auto"]
         order = order[r % 3:] + order[:r % 3]
         for name in order:
@@ -194,37 +194,40 @@ def parity(bundle: Path, args) -> dict:
            "decode_ratio_auto": _ratio(summary["ours auto"]["decode_tokens_per_s"],
                                        summary["raw"]["decode_tokens_per_s"])}
     if not args.no_contention:
-        out["contention"] = contention(vlm, raw, ours, images, threads, args, summary)
+        out["contention"] = contention(vlm, raw, ours, images, args)
     vlm.close()
     raw.close()
     return out
 
 
-def contention(vlm, raw, ours, images: list[str], threads: int, args, idle: dict) -> dict:
-    """Decode while one CPU-bound process runs: follow-ups on an image already prefilled."""
+def contention(vlm, raw, ours, images: list[str], args) -> dict:
+    """Decode of a follow-up (its image prefilled before) idle, then while one CPU-bound process runs."""
     image = images[-2]
-    ours(image, fixed=True)  # prefills this image idle; the follow-ups below reuse it
+    cap = args.contended_tokens
+    ours(image, fixed=True)  # prefills this image; the follow-ups below reuse it
     rows = vlm.encode_images([image])[0]
-    _raw(raw, _raw_ids(vlm, rows, QUESTION, 7), 2, cold=True)
+    raw_ids = _raw_ids(vlm, rows, FOLLOW_UP, 7)
+    _raw(raw, raw_ids[:-8], 2, cold=True)
+    idle = {"ours auto": ours(image, fixed=False, cold=False, question=FOLLOW_UP, cap=cap),
+            "raw": _raw(raw, raw_ids, cap, cold=False)}
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(SETTLE_S)
-        cap = args.contended_tokens
-        result = {"ours auto": ours(image, fixed=False, cold=False, question=FOLLOW_UP, cap=cap),
-                  "ours fixed": None, "raw": None}
+        result = {"ours auto": ours(image, fixed=False, cold=False, question=FOLLOW_UP, cap=cap), "raw": None}
         result["ours auto"]["threads_chosen"] = vlm.backend.free_cores.current
         result["others_busy_cores"] = vlm.backend.free_cores.others_busy
         if not args.skip_contended_fixed:
-            result["raw"] = _raw(raw, _raw_ids(vlm, rows, FOLLOW_UP, 7), cap, cold=False, cap_s=CONTENDED_CAP_S)
+            result["raw"] = _raw(raw, raw_ids, cap, cold=False, cap_s=CONTENDED_CAP_S)
     finally:
         busy.kill()
         busy.wait()
+    result["idle"] = idle
     for name in ("ours auto", "raw"):
         if result.get(name):
-            base = idle["ours auto" if name == "ours auto" else "raw"]["decode_tokens_per_s"]
-            result[name]["of_idle"] = _ratio(result[name]["decode_tokens_per_s"], base)
+            result[name]["of_idle"] = _ratio(result[name]["decode_tokens_per_s"], idle[name]["decode_tokens_per_s"])
             _log(f"contended {name}: decode {result[name]['decode_tokens_per_s'] or 0:.2f} tok/s "
-                 f"({result[name]['threads']} threads), {result[name]['of_idle'] or 0:.2f}x idle")
+                 f"({result[name]['threads']} threads) against {idle[name]['decode_tokens_per_s'] or 0:.2f} idle "
+                 f"({idle[name]['threads']} threads): {result[name]['of_idle'] or 0:.2f}x")
     return result
 
 
@@ -268,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contended-tokens", type=int, default=16, help="tokens per contended run (%(default)s)")
     parser.add_argument("--skip-contended-fixed", action="store_true",
                         help="do not time raw llama.cpp at fixed threads under contention (slow: seconds per token)")
+    parser.add_argument("--no-parity", action="store_true", help="skip the interleaved rounds")
     parser.add_argument("--no-contention", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -294,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     p, m = out["parity"], out.get("memory", {})
     print(text)
     print(f"\nCPU {out['machine']['cpu']}, load {out['machine']['loadavg'][0]:.2f} -> "
-          f"{out['machine']['loadavg_after'][0]:.2f}; prefill ours/raw {p['prefill_ratio']:.3f} (floor 0.95), "
-          f"decode ours/raw {p['decode_ratio']:.3f} (floor 0.97; auto threads {p['decode_ratio_auto']:.3f})")
+          f"{out['machine']['loadavg_after'][0]:.2f}")
+    if p["prefill_ratio"] is not None:
+        print(f"prefill ours/raw {p['prefill_ratio']:.3f} (floor 0.95), decode ours/raw {p['decode_ratio']:.3f} "
+              f"(floor 0.97; with threads from the free cores {p['decode_ratio_auto']:.3f})")
     contended = p.get("contention", {}).get("ours auto")
     if contended:
         print(f"contended decode: ours {contended['of_idle']:.2f}x idle (floor 0.4)")

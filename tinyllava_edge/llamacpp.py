@@ -124,7 +124,7 @@ def _log_reason() -> str:
     """The most telling recent log line: the last error-looking one, else the last one."""
     lines = [line.strip() for line in recent_log() if line.strip()]
     for line in reversed(lines):
-        if any(word in line.lower() for word in ("error", "failed", "invalid", "unknown", "cannot")):
+        if any(word in line.lower() for word in ("error", "failed", "invalid", "unknown", "does not", "cannot")):
             return line
     return lines[-1] if lines else "no log output"
 
@@ -147,6 +147,9 @@ class LlamaCppModel:
                  n_batch: int = DEFAULT_N_BATCH, vocab_only: bool = False, prefix_cache_bytes: int = 0):
         self._model = None
         self._ctx = None
+        # One token batch and one embeddings batch per context, made on first use and kept: a
+        # llama_batch_init per decoded token costs n_batch small allocations for nothing.
+        self._batches: dict[int, object] = {}
         import llama_cpp
 
         self._lib = llama_cpp
@@ -182,9 +185,6 @@ class LlamaCppModel:
         self.n_threads = 0
         self.kv_type = kv_type
         self.kv_bytes = 0  # what the context's KV cache takes (kv_cache_bytes at n_ctx)
-        # One token batch and one embeddings batch per context, made on first use and kept: a
-        # llama_batch_init per decoded token costs n_batch small allocations for nothing.
-        self._batches: dict[int, object] = {}
         # What the KV cache holds, one key per position (a token id, or (image digest, row)); kept
         # only by the callers that reuse prefixes (prefill(reuse=True)), reset by clear().
         self._keys: list = []
@@ -192,6 +192,8 @@ class LlamaCppModel:
         self.last_reused = 0  # positions the last prefill took from the cache instead of decoding
         if vocab_only:
             return
+        if kv_type in QUANTIZED_KV:
+            self._check_quantized_kv(kv_type)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = n_ctx
         self.n_batch = min(n_batch, n_ctx)
@@ -269,11 +271,8 @@ class LlamaCppModel:
         """The context the model was trained for (`<arch>.context_length`)."""
         return self._meta_int("context_length")
 
-    def kv_bytes_per_token(self, kv_type: str = "f16") -> int:
-        """KV-cache bytes per position: layers x KV heads x (key + value head size) x element size."""
-        if kv_type not in KV_TYPES:
-            raise TinyLlavaError(f"llama.cpp KV-cache type {kv_type!r} is not supported; expected one of "
-                                 f"{', '.join(KV_TYPES)}")
+    def attention_shape(self) -> tuple[int, int, int, int]:
+        """(layers, KV heads, key head size, value head size) from the GGUF metadata."""
         n_layer = self._meta_int("block_count")
         n_head = self._meta_int("attention.head_count")
         n_embd = self._meta_int("embedding_length")
@@ -282,7 +281,23 @@ class LlamaCppModel:
         n_head_kv = self._meta_int("attention.head_count_kv") or n_head
         key = self._meta_int("attention.key_length") or n_embd // n_head
         value = self._meta_int("attention.value_length") or key
-        return kv_cache_bytes(n_layer, n_head_kv, key, value, kv_type, 1)
+        return n_layer, n_head_kv, key, value
+
+    def kv_bytes_per_token(self, kv_type: str = "f16") -> int:
+        """KV-cache bytes per position: layers x KV heads x (key + value head size) x element size."""
+        if kv_type not in KV_TYPES:
+            raise TinyLlavaError(f"llama.cpp KV-cache type {kv_type!r} is not supported; expected one of "
+                                 f"{', '.join(KV_TYPES)}")
+        return kv_cache_bytes(*self.attention_shape(), kv_type, 1)
+
+    def _check_quantized_kv(self, kv_type: str) -> None:
+        # llama.cpp quantizes each head's row in whole blocks and refuses a head size that is not a
+        # multiple of the block (Phi-2's heads are 80 wide: no q8_0 cache for it)
+        _, _, key, value = self.attention_shape()
+        block = KV_BLOCKS[kv_type][0]
+        if key % block or value % block:
+            raise TinyLlavaError(f"a {kv_type} KV cache needs attention heads whose size is a multiple of {block}; "
+                                 f"{self.path.name} has heads of {key}; use kv_type 'f16'")
 
     def _meta_int(self, name: str) -> int | None:
         arch = self.meta("general.architecture")

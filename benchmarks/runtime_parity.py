@@ -86,10 +86,28 @@ def _images(bundle: Path, count: int, folder: Path) -> list[str]:
 def _ours(vlm, image: str, question: str, n: int, cold: bool) -> dict:
     if cold:
         vlm.clear_caches()
-    _, stats = vlm.generate(image, question, max_new_tokens=n, return_stats=True)
+    backend, feed = vlm.backend, vlm.backend.feed
+    marks: list[float] = []
+
+    def timed_feed(segments):  # this process's CPU time around the prompt's decode (the first feed)
+        first = not marks
+        if first:
+            marks.append(time.process_time())
+        logits = feed(segments)
+        if first:
+            marks.append(time.process_time())
+        return logits
+
+    backend.feed = timed_feed
+    try:
+        _, stats = vlm.generate(image, question, max_new_tokens=n, return_stats=True)
+        end = time.process_time()
+    finally:
+        del backend.feed
     return {"prefill_positions": stats.prefill_tokens, "prefill_tokens_per_s": stats.prefill_tokens_per_s,
             "decode_tokens": stats.decode_tokens, "decode_tokens_per_s": stats.decode_tokens_per_s,
-            "ttft_ms": stats.ttft_ms, "threads": vlm.backend.llm.n_threads}
+            "ttft_ms": stats.ttft_ms, "threads": vlm.backend.llm.n_threads,
+            "prefill_cpu_s": marks[1] - marks[0], "decode_cpu_s": end - marks[1]}
 
 
 def _raw_ids(vlm, image_rows: np.ndarray, question: str, seed: int) -> list[int]:
@@ -108,21 +126,23 @@ def _raw_ids(vlm, image_rows: np.ndarray, question: str, seed: int) -> list[int]
 def _raw(llm, ids: list[int], n: int, cold: bool, cap_s: float | None = None) -> dict:
     if cold:
         llm.reset()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     first = last = started
+    first_cpu = last_cpu = cpu
     count = 0
     for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
         llm.detokenize([token])
-        last = time.perf_counter()
+        last, last_cpu = time.perf_counter(), time.process_time()
         count += 1
         if count == 1:
-            first = last
+            first, first_cpu = last, last_cpu
         if count >= n or (cap_s is not None and last - started > cap_s):
             break
     return {"prefill_positions": len(ids), "prefill_tokens_per_s": len(ids) / (first - started),
             "decode_tokens": count, "ttft_ms": (first - started) * 1e3,
             "decode_tokens_per_s": (count - 1) / (last - first) if count > 1 and last > first else None,
-            "threads": llm.context_params.n_threads}
+            "threads": llm.context_params.n_threads, "prefill_cpu_s": first_cpu - cpu,
+            "decode_cpu_s": last_cpu - first_cpu}
 
 
 def _median(runs: list[dict], key: str) -> float | None:
@@ -183,16 +203,26 @@ def parity(bundle: Path, args) -> dict:
                 result = ours(image, fixed=name == "ours fixed")
             runs[name].append(result)
             _log(f"round {r + 1}/{args.rounds} {name}: prefill {result['prefill_positions']} positions "
-                 f"{result['prefill_tokens_per_s']:.1f} tok/s, decode {result['decode_tokens_per_s'] or 0:.1f} tok/s "
-                 f"({result['threads']} threads)")
+                 f"{result['prefill_tokens_per_s']:.1f} tok/s ({result['prefill_cpu_s']:.2f} CPU s), decode "
+                 f"{result['decode_tokens_per_s'] or 0:.1f} tok/s ({result['decode_cpu_s']:.2f} CPU s, "
+                 f"{result['threads']} threads)")
+    for rs in runs.values():  # per CPU-second of this process: what a loaded machine distorts least at 1 thread
+        for run in rs:
+            run["prefill_per_cpu_s"] = run["prefill_positions"] / run["prefill_cpu_s"] if run["prefill_cpu_s"] else None
+            run["decode_per_cpu_s"] = ((run["decode_tokens"] - 1) / run["decode_cpu_s"]
+                                       if run["decode_cpu_s"] and run["decode_tokens"] > 1 else None)
     summary = {name: {"prefill_tokens_per_s": _median(rs, "prefill_tokens_per_s"),
                       "decode_tokens_per_s": _median(rs, "decode_tokens_per_s"),
+                      "prefill_per_cpu_s": _median(rs, "prefill_per_cpu_s"),
+                      "decode_per_cpu_s": _median(rs, "decode_per_cpu_s"),
                       "prefill_positions": _median(rs, "prefill_positions")} for name, rs in runs.items()}
     out = {"threads": threads, "gguf": str(gguf), "n_ctx": vlm.n_ctx, "runs": runs, "summary": summary,
            "prefill_ratio": _ratio(summary["ours fixed"]["prefill_tokens_per_s"], summary["raw"]["prefill_tokens_per_s"]),
            "decode_ratio": _ratio(summary["ours fixed"]["decode_tokens_per_s"], summary["raw"]["decode_tokens_per_s"]),
            "decode_ratio_auto": _ratio(summary["ours auto"]["decode_tokens_per_s"],
-                                       summary["raw"]["decode_tokens_per_s"])}
+                                       summary["raw"]["decode_tokens_per_s"]),
+           "prefill_ratio_cpu": _ratio(summary["ours fixed"]["prefill_per_cpu_s"], summary["raw"]["prefill_per_cpu_s"]),
+           "decode_ratio_cpu": _ratio(summary["ours fixed"]["decode_per_cpu_s"], summary["raw"]["decode_per_cpu_s"])}
     if not args.no_contention:
         out["contention"] = contention(vlm, raw, ours, images, args)
     vlm.close()
@@ -244,16 +274,19 @@ def memory(bundle: Path, args) -> dict:
              if r["name"] in (info["llm"], info["vision"])}
     kv = vlm.backend.llm.kv_bytes
     after_load = _vm("VmRSS")
+    parts_after_load = {"anon": _vm("RssAnon"), "file": _vm("RssFile")}
     image = _images(bundle, 1, args.cache / "parity-images")[0]
     _, stats = vlm.generate(image, QUESTION, max_new_tokens=args.max_new_tokens, return_stats=True)
     after_answer, peak = _vm("VmRSS"), _vm("VmHWM")
+    parts_after_answer = {"anon": _vm("RssAnon"), "file": _vm("RssFile")}
     base = sum(files.values()) + kv
     with LlamaCppModel(bundle / info["llm"], vocab_only=True) as shapes:
         table = {t: {str(c): shapes.kv_bytes_per_token(t) * c for c in CONTEXTS} for t in KV_TYPES}
     vlm.close()
     return {"files": files, "kv_cache_bytes": kv, "n_ctx": info["n_ctx"], "kv_type": info["kv_type"],
             "image_positions": stats.prefill_tokens, "rss_after_load": after_load, "rss_after_answer": after_answer,
-            "peak_rss": peak, "files_plus_kv": base, "ratio_after_load": after_load / base,
+            "peak_rss": peak, "files_plus_kv": base, "rss_parts_after_load": parts_after_load,
+            "rss_parts_after_answer": parts_after_answer, "prefix_store_bytes": vlm.backend.llm.prefix_store.bytes, "ratio_after_load": after_load / base,
             "ratio_after_answer": after_answer / base, "ratio_peak": peak / base, "kv_cache_table": table,
             "mem_available": info.get("memory_bound")}
 
@@ -289,19 +322,21 @@ def main(argv: list[str] | None = None) -> int:
                "--max-new-tokens", str(args.max_new_tokens)] + (["--vision", args.vision] if args.vision else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         out["memory"] = json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
-    out["parity"] = parity(bundle, args)
+    if not (args.no_parity and args.no_contention):
+        out["parity"] = parity(bundle, args)
     out["machine"]["loadavg_after"] = list(os.getloadavg())
     text = json.dumps(out, indent=1)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text)
-    p, m = out["parity"], out.get("memory", {})
+    p, m = out.get("parity", {"prefill_ratio": None}), out.get("memory", {})
     print(text)
     print(f"\nCPU {out['machine']['cpu']}, load {out['machine']['loadavg'][0]:.2f} -> "
           f"{out['machine']['loadavg_after'][0]:.2f}")
     if p["prefill_ratio"] is not None:
         print(f"prefill ours/raw {p['prefill_ratio']:.3f} (floor 0.95), decode ours/raw {p['decode_ratio']:.3f} "
-              f"(floor 0.97; with threads from the free cores {p['decode_ratio_auto']:.3f})")
+              f"(floor 0.97; with threads from the free cores {p['decode_ratio_auto']:.3f}); per CPU-second: "
+              f"prefill {p['prefill_ratio_cpu']:.3f}, decode {p['decode_ratio_cpu']:.3f}")
     contended = p.get("contention", {}).get("ours auto")
     if contended:
         print(f"contended decode: ours {contended['of_idle']:.2f}x idle (floor 0.4)")

@@ -16,6 +16,7 @@ Imports numpy, onnxruntime and llama-cpp-python only: no torch.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,22 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
 
     own = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
     return (RuntimeError, ValueError, OSError, *own)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed inside the process back to the system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    onnxruntime parses the whole vision graph (protobuf) before it copies the weights out and frees
+    it; glibc keeps those freed pages in its heaps, and in about half the loads (measured on the
+    bench-scale bundle, fp32 SigLIP-so400m graph of 1.6 GB) the process stayed ~960 MB larger after
+    load (3.03 vs 2.07 GB resident) until something reused them. Trimming once after the session
+    is made costs milliseconds.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        pass
 
 
 def _tensorrt_cache_dir() -> str:
@@ -168,6 +185,7 @@ class EdgeBackend:
         except _ort_errors() as err:
             raise TinyLlavaError(f"onnxruntime cannot load {vision_file['name']} with {', '.join(self.plan.providers)} "
                                  f"({str(err).splitlines()[0]})") from None
+        release_freed_memory()
         self.vision_file = vision_file["name"]
         self.prefix_reuse = prefix_mb > 0
         self.llm = LlamaCppModel(llm_path, n_ctx=self.plan.n_ctx, n_threads=self.plan.n_threads,

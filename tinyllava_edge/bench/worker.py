@@ -116,7 +116,7 @@ def _timed_raw(spec: dict) -> dict:
         ids = prompt_tokens(prompt)
         if cold:
             llm.reset()  # else Llama.generate keeps the prefix its cache shares with `ids`
-        before = llm.n_tokens
+        held = llm.input_ids[:llm.n_tokens].tolist()  # what the cache holds before this prompt
         started = time.perf_counter()
         first = last = started
         count = 0
@@ -128,7 +128,7 @@ def _timed_raw(spec: dict) -> dict:
                 first = last
             if count >= n:
                 break
-        reused = _common_prefix(ids, llm.input_ids[:before].tolist()) if not cold else 0
+        reused = _common_prefix(ids, held)
         return {"ttft_ms": (first - started) * 1e3, "prefill_tokens": len(ids) - reused, "prefix_reused": reused,
                 "prefill_tokens_per_s": (len(ids) - reused) / (first - started), "decode_tokens": count,
                 "decode_tokens_per_s": (count - 1) / (last - first) if count > 1 and last > first else None,

@@ -146,3 +146,35 @@ def test_every_contender_has_a_runner():
     from tinyllava_edge.bench.worker import RUNNERS
 
     assert {CONTENDERS.get(name).runner for name in CONTENDERS} <= set(RUNNERS)
+
+
+def test_runtime_parity_script_on_a_miniature(tmp_path):
+    """benchmarks/runtime_parity.py end to end (one round, a few tokens): the same positions for
+    both engines, every part reported; the figures themselves are not checked (no timed tests)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tinyllava_edge.testing.checkpoints import build_miniature_bundle
+
+    _, bundle = build_miniature_bundle("TinyLLaVA-Qwen2-0.5B-SigLIP", tmp_path / "mini")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "runtime_parity.py"
+    out = tmp_path / "parity.json"
+    proc = subprocess.run([sys.executable, str(script), "--bundle", str(bundle), "--cache", str(tmp_path), "--rounds",
+                           "1", "--threads", "1", "--max-new-tokens", "3", "--contended-tokens", "2", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    runs = result["parity"]["runs"]
+    positions = {name: [r["prefill_positions"] for r in rs] for name, rs in runs.items()}
+    assert positions["raw"] == positions["ours fixed"] == positions["ours auto"] and positions["raw"][0] > 0
+    assert all(r["decode_tokens"] == 3 for rs in runs.values() for r in rs)
+    contention = result["parity"]["contention"]
+    # the busy process the script started is seen in /proc/stat (on a 2-core machine: 1 thread left)
+    assert contention["others_busy_cores"] >= 0.5 and contention["raw"]["decode_tokens"] >= 1
+    assert contention["ours auto"]["threads_chosen"] == contention["ours auto"]["threads"] >= 1
+    memory = result["memory"]
+    assert memory["image_positions"] == positions["raw"][0] and memory["kv_cache_bytes"] > 0
+    assert memory["rss_after_answer"] >= memory["rss_after_load"] > 0
+    assert set(memory["kv_cache_table"]) == {"f16", "f32", "q8_0"}
+    assert "prefill ours/raw" in proc.stdout and "contended decode" in proc.stdout

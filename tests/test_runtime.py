@@ -699,7 +699,7 @@ def test_threads_follow_the_free_cores_unless_fixed(paths, images):
         assert backend.free_cores is not None and backend.llm.n_threads == backend.plan.n_threads
         # a simulated 2-core host where another process keeps one core busy
         clock = {"now": 0.0, "busy": 0.0}
-        backend.free_cores = FreeCores(2, 2, read_stat=lambda: (clock["busy"], clock["now"] * 2),
+        backend.free_cores = FreeCores(2, {0, 1}, read_stat=lambda: (clock["busy"], clock["now"] * 2),
                                        own_cpu=lambda: 0.0, clock=lambda: clock["now"])
         clock["now"], clock["busy"] = 5.0, 5.0
         vlm.generate(images[0], "What is it?", max_new_tokens=2)

@@ -4,7 +4,7 @@ import pytest
 
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.llamacpp import kv_cache_bytes
-from tinyllava_edge.runtime.threads import BUSY_THRESHOLD, FreeCores, read_proc_stat, threads_for
+from tinyllava_edge.runtime.threads import BUSY_THRESHOLD, FreeCores, allowed_cpus, read_proc_stat, threads_for
 
 MIB = 2**20
 
@@ -35,7 +35,8 @@ class FakeHost:
         return (self.busy, self.now * self.cores) if self.readable else None
 
     def tracker(self, limit: int) -> FreeCores:
-        return FreeCores(self.cores, limit, read_stat=self.stat, own_cpu=lambda: self.own, clock=lambda: self.now)
+        return FreeCores(limit, set(range(self.cores)), read_stat=self.stat, own_cpu=lambda: self.own,
+                         clock=lambda: self.now)
 
 
 def test_free_cores_follow_other_processes_not_our_own_load():
@@ -68,14 +69,20 @@ def test_read_proc_stat(tmp_path):
     hz = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal guest guest_nice
-    stat.write_text("cpu  100 0 50 800 20 5 5 20 7 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n")
+    stat.write_text("cpu  100 0 50 800 20 5 5 20 7 0\n"
+                    "cpu0 60 0 30 400 10 5 5 10 7 0\ncpu1 40 0 20 400 10 0 0 10 0 0\nintr 5\n")
     busy, total = read_proc_stat(str(stat))
     assert busy == pytest.approx(180 / hz) and total == pytest.approx(1000 / hz)
+    busy, total = read_proc_stat(str(stat), cpus={1})  # the CPUs this process may use only
+    assert busy == pytest.approx(70 / hz) and total == pytest.approx(480 / hz)
+    assert read_proc_stat(str(stat), cpus={7}) is None
     stat.write_text("intr 1 2 3\n")
     assert read_proc_stat(str(stat)) is None
     assert read_proc_stat(str(tmp_path / "missing")) is None
     real = read_proc_stat()
     assert real is None or 0 <= real[0] <= real[1]
+    mine = read_proc_stat(cpus=allowed_cpus())
+    assert mine is None or 0 <= mine[0] <= mine[1]
 
 
 def test_kv_cache_bytes():

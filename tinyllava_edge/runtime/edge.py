@@ -195,7 +195,7 @@ class EdgeBackend:
         self.kv_type, self.flash_attn = kv_type, flash_attn
         # Threads follow the free cores only when the caller did not fix them, and only on the CPU
         # (offloaded layers do not wait on CPU threads).
-        self.free_cores = (FreeCores(os.cpu_count() or 1, self.plan.n_threads)
+        self.free_cores = (FreeCores(self.plan.n_threads)
                            if options.get("n_threads") is None and self.plan.n_gpu_layers == 0 else None)
         self.n_ctx = self.llm.n_ctx
         self.n_vocab = self.llm.n_vocab

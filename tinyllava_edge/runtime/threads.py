@@ -11,8 +11,8 @@ processes kept busy since the last look, and runs on the rest:
     others = (busy CPU time of the machine - this process's CPU time) / wall time   (in cores)
     threads = clamp(round(cores - others), 1, limit)
 
-from /proc/stat (all CPUs' busy ticks: user, nice, system, irq, softirq, steal) and
-`time.process_time()` (this process's threads). An idle machine leaves `others` near 0, so the
+from /proc/stat (the busy ticks, user + nice + system + irq + softirq + steal, of the CPUs this
+process may run on) and `time.process_time()` (this process's threads). An idle machine leaves `others` near 0, so the
 count stays at `limit` and the idle rate is untouched. Where /proc/stat cannot be read (not
 Linux) the count stays at `limit`.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 
 # Shorter looks than this are mostly tick rounding (/proc/stat counts in 10 ms ticks).
 MIN_INTERVAL_S = 0.2
@@ -32,25 +33,36 @@ RECHECK_S = 1.0
 BUSY_THRESHOLD = 0.5
 
 
-def read_proc_stat(path: str = "/proc/stat") -> tuple[float, float] | None:
-    """(busy seconds, total seconds) summed over all CPUs since boot, or None where unreadable."""
+def allowed_cpus() -> set[int] | None:
+    """The CPUs this process may run on, where the OS says (Linux)."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def read_proc_stat(path: str = "/proc/stat", cpus: set[int] | None = None) -> tuple[float, float] | None:
+    """(busy seconds, total seconds) since boot summed over `cpus` (default: all CPUs), or None
+    where unreadable."""
     try:
         with open(path, encoding="ascii") as f:
-            fields = f.readline().split()
+            lines = [line.split() for line in f if line.startswith("cpu")]
     except OSError:
         return None
-    if not fields or fields[0] != "cpu":
+    if cpus is None:
+        rows = [fields[1:] for fields in lines if fields[0] == "cpu"]
+    else:
+        rows = [fields[1:] for fields in lines if fields[0][3:].isdigit() and int(fields[0][3:]) in cpus]
+    if not rows:
         return None
-    try:
-        ticks = [int(v) for v in fields[1:]]
-    except ValueError:
-        return None
-    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user/nice]
-    ticks = ticks[:8] + [0] * (8 - len(ticks[:8]))
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    idle = ticks[3] + ticks[4]
-    total = sum(ticks)
-    return (total - idle) / hz, total / hz
+    busy = total = 0
+    for row in rows:
+        try:
+            ticks = [int(v) for v in row[:8]]
+        except ValueError:
+            return None
+        # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user/nice]
+        total += sum(ticks)
+        busy += sum(ticks) - sum(ticks[3:5])
+    return busy / hz, total / hz
 
 
 def threads_for(cores: int, others_busy: float, limit: int) -> int:
@@ -64,14 +76,17 @@ def threads_for(cores: int, others_busy: float, limit: int) -> int:
 class FreeCores:
     """Tracks the cores other processes keep busy; `threads()` says how many to run now.
 
-    `cores` is what the machine has (the CPUs this process may use), `limit` the most threads
-    wanted (the device plan's count). The clock, /proc/stat reader and own-CPU reader can be
-    replaced (tests).
+    `limit` is the most threads wanted (the device plan's count); the cores looked at are those
+    this process may run on (`cpus`, default: its affinity). The clock, /proc/stat reader and
+    own-CPU reader can be replaced (tests).
     """
 
-    def __init__(self, cores: int, limit: int, *, read_stat: Callable[[], tuple[float, float] | None] = read_proc_stat,
+    def __init__(self, limit: int, cpus: set[int] | None = None, *,
+                 read_stat: Callable[[], tuple[float, float] | None] | None = None,
                  own_cpu: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.monotonic):
-        self.cores = max(1, int(cores))
+        cpus = allowed_cpus() if cpus is None else cpus
+        self.cores = max(1, len(cpus) if cpus else (os.cpu_count() or 1))
+        read_stat = read_stat or partial(read_proc_stat, cpus=cpus)
         self.limit = max(1, int(limit))
         self._read_stat, self._own_cpu, self._clock = read_stat, own_cpu, clock
         self._last = self._look()

@@ -577,9 +577,12 @@ def test_real_cpu_and_simulated_memory(paths):
     manifest = json.loads((paths["bundle"] / "manifest.json").read_text())
     weights = sum(f["size"] for f in manifest["files"] if f["name"] in ("vision.onnx", "llm-F32.gguf"))
     root = _host(paths["root"], "small", (weights + 2 * 256 * 600) // 1024)
-    with tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1,
+    with tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1, prefix_cache_mb=0,
                              probes=_probes(root, [CPU], False, cores=2)) as vlm:
         assert vlm.n_ctx == 512 and vlm.info()["memory_bound"] < weights + 400_000
+    # the prefix store's memory is planned for too: 128 MiB of it leaves no room on that host
+    with pytest.raises(TinyLlavaError, match="does not fit"):
+        tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1, probes=_probes(root, [CPU], False, cores=2))
 
 
 def test_edge_path_needs_no_torch(paths):
@@ -698,3 +701,76 @@ def test_flash_attention_is_off_by_default_on_the_cpu(paths):
         assert vlm.backend.info()["flash_attn"] == "off"
     with tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1, flash_attn="auto") as vlm:
         assert vlm.backend.info()["flash_attn"] == "auto"
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "f32"])
+def test_kv_cache_size_is_what_llama_cpp_allocates(paths, kv_type, monkeypatch):
+    import re
+    from collections import deque
+
+    from tinyllava_edge import llamacpp
+
+    monkeypatch.setattr(llamacpp, "_log_lines", deque(maxlen=2000))  # the whole log of one load
+    with llamacpp.LlamaCppModel(paths["bundle"] / "llm-F32.gguf", n_ctx=512, n_threads=1, kv_type=kv_type,
+                                flash_attn="off") as llm:
+        assert llm.kv_bytes == llm.kv_bytes_per_token(kv_type) * llm.n_ctx
+        logged = [float(m.group(1)) for line in llamacpp.recent_log()
+                  for m in [re.search(r"llama_kv_cache: size = +([0-9.]+) MiB", line)] if m]
+        assert logged and llm.kv_bytes / 2**20 == pytest.approx(logged[-1], abs=0.006)  # logged to 0.01 MiB
+
+
+def test_q8_0_kv_cache_is_refused_with_a_reason(paths):
+    from tinyllava_edge.llamacpp import LlamaCppModel
+
+    gguf = paths["bundle"] / "llm-F32.gguf"
+    with pytest.raises(TinyLlavaError, match="q8_0 KV cache needs flash attention") as excinfo:
+        LlamaCppModel(gguf, n_ctx=512, n_threads=1, kv_type="q8_0", flash_attn="off")
+    _one_sentence(excinfo)
+    # the miniature's heads are 16 wide: not whole Q8_0 blocks (llama.cpp would refuse the context)
+    with pytest.raises(TinyLlavaError, match="multiple of 32; llm-F32.gguf has heads of 16") as excinfo:
+        tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1, kv_type="q8_0")
+    _one_sentence(excinfo)
+
+
+def test_saved_prefix_states_are_bounded_before_they_are_copied(paths, images):
+    with tinyllava_edge.load(paths["bundle"], **EXACT) as vlm:
+        vlm.generate(images[0], "What is it?", max_new_tokens=2)
+        llm = vlm.backend.llm
+        size = int(llm._lib.llama_state_seq_get_size(llm._ctx, 0))
+        assert llm._save(size - 1) is None  # larger than the store could keep: not copied at all
+        state = llm._save(size)
+        assert isinstance(state, bytearray) and 0 < len(state) <= size
+        assert len(llm.prefix_store) == 1  # the image prompt's state, kept by generate
+    with tinyllava_edge.load(paths["bundle"], prefix_cache_mb=0.001, **EXACT) as small:  # 1 KB: no state fits
+        small.generate(images[0], "What is it?", max_new_tokens=2)
+        assert len(small.backend.llm.prefix_store) == 0
+
+
+def test_clear_caches_forgets_images_and_prompts(paths, images):
+    with tinyllava_edge.load(paths["bundle"], **EXACT) as vlm:
+        first = vlm.generate(images[0], "What is it?", max_new_tokens=4)
+        vlm.clear_caches()
+        encoded = vlm.images_encoded
+        again, stats = vlm.generate(images[0], "What is it?", max_new_tokens=4, return_stats=True)
+        assert again == first and stats.prefix_reused == 0 and stats.image_cache_hits == 0
+        assert vlm.images_encoded == encoded + 1
+
+
+def test_threads_follow_the_free_cores_unless_fixed(paths, images):
+    from tinyllava_edge.runtime.threads import FreeCores
+
+    with tinyllava_edge.load(paths["bundle"], device="cpu", n_threads=1) as fixed:
+        assert fixed.backend.free_cores is None and fixed.info()["adaptive_threads"] is False
+    with tinyllava_edge.load(paths["bundle"], device="cpu") as vlm:
+        backend = vlm.backend
+        assert backend.free_cores is not None and backend.llm.n_threads == backend.plan.n_threads
+        # a simulated 2-core host where another process keeps one core busy
+        clock = {"now": 0.0, "busy": 0.0}
+        backend.free_cores = FreeCores(2, {0, 1}, read_stat=lambda: (clock["busy"], clock["now"] * 2),
+                                       own_cpu=lambda: 0.0, clock=lambda: clock["now"])
+        clock["now"], clock["busy"] = 5.0, 5.0
+        vlm.generate(images[0], "What is it?", max_new_tokens=2)
+        assert backend.llm.n_threads == 1 and vlm.info()["llm_threads"] == 1
+        clock["now"] += 5.0  # the other process stopped
+        vlm.generate(images[1], "What is it?", max_new_tokens=2)
+        assert backend.llm.n_threads == 2

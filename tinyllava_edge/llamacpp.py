@@ -34,8 +34,13 @@ import numpy as np
 from tinyllava_edge.errors import TinyLlavaError
 
 # KV-cache element types by name (ggml_type values, ggml.h). llama.cpp defaults to F16; F32
-# makes the cache exact, so a comparison measures the weights file and nothing else.
-KV_TYPES = MappingProxyType({"f16": 1, "f32": 0})
+# makes the cache exact, so a comparison measures the weights file and nothing else; Q8_0 halves
+# the cache (blocks of 32 int8 + one f16 scale) and needs flash attention (llama.cpp refuses a
+# quantized V cache without it).
+KV_TYPES = MappingProxyType({"f16": 1, "f32": 0, "q8_0": 8})
+# (elements per block, bytes per block) of each type: Q8_0 is 32 int8 values and one f16 scale.
+KV_BLOCKS = MappingProxyType({"f16": (1, 2), "f32": (1, 4), "q8_0": (32, 34)})
+QUANTIZED_KV = frozenset({"q8_0"})
 # llama_flash_attn_type (llama.h). "auto" lets llama.cpp choose (on where it helps); flash
 # attention on the CPU rounds through F16 even with an F32 cache (measured on the Qwen2 miniature,
 # F32 file: max |logit diff| 5e-4 with it, 1e-6 without), so exact comparisons turn it off.
@@ -94,6 +99,22 @@ def _extra_bufts_safe() -> bool:
         return True
 
 
+def kv_cache_bytes(n_layer: int, n_head_kv: int, key_length: int, value_length: int, kv_type: str,
+                   n_ctx: int) -> int:
+    """Bytes of the KV cache llama.cpp allocates for `n_ctx` positions: per layer and position one
+    K row of n_head_kv x key_length elements and one V row of n_head_kv x value_length, each
+    stored in whole blocks of `kv_type`."""
+    if kv_type not in KV_BLOCKS:
+        raise TinyLlavaError(f"llama.cpp KV-cache type {kv_type!r} is not supported; expected one of "
+                             f"{', '.join(KV_TYPES)}")
+    per_block, block_bytes = KV_BLOCKS[kv_type]
+
+    def row(width: int) -> int:
+        return -(-width // per_block) * block_bytes
+
+    return n_layer * (row(n_head_kv * key_length) + row(n_head_kv * value_length)) * n_ctx
+
+
 def recent_log() -> list[str]:
     """The last lines llama.cpp logged through this module (oldest first)."""
     return "".join(_log_lines).splitlines()
@@ -103,7 +124,7 @@ def _log_reason() -> str:
     """The most telling recent log line: the last error-looking one, else the last one."""
     lines = [line.strip() for line in recent_log() if line.strip()]
     for line in reversed(lines):
-        if any(word in line.lower() for word in ("error", "failed", "invalid", "unknown", "cannot")):
+        if any(word in line.lower() for word in ("error", "failed", "invalid", "unknown", "does not", "cannot")):
             return line
     return lines[-1] if lines else "no log output"
 
@@ -113,8 +134,9 @@ class LlamaCppModel:
 
     `n_ctx` tokens of context (llama.cpp may round it up; `self.n_ctx` is what it made);
     `n_threads` CPU threads (default: up to 4); `n_gpu_layers` layers offloaded where llama.cpp
-    was built with a GPU backend; `kv_type` "f16" (llama.cpp's default) or "f32"; `flash_attn`
-    "auto" | "on" | "off" ("off" for exact comparisons); `vocab_only` loads the tokenizer alone
+    was built with a GPU backend; `kv_type` "f16" (llama.cpp's default), "f32" or "q8_0" (needs
+    flash attention: not "off"); `flash_attn` "auto" | "on" | "off" ("off" for exact comparisons);
+    `n_threads` can change later (`set_threads`); `vocab_only` loads the tokenizer alone
     (no context: tokenize/detokenize only); `prefix_cache_bytes` > 0 keeps the KV state of
     prompts up to each image's end (`prefill(..., reuse=True)`, `PrefixStore`).
     Raises TinyLlavaError, with llama.cpp's last log line, for a file llama.cpp refuses.
@@ -125,6 +147,9 @@ class LlamaCppModel:
                  n_batch: int = DEFAULT_N_BATCH, vocab_only: bool = False, prefix_cache_bytes: int = 0):
         self._model = None
         self._ctx = None
+        # One token batch and one embeddings batch per context, made on first use and kept: a
+        # llama_batch_init per decoded token costs n_batch small allocations for nothing.
+        self._batches: dict[int, object] = {}
         import llama_cpp
 
         self._lib = llama_cpp
@@ -134,6 +159,9 @@ class LlamaCppModel:
                                  f"{', '.join(KV_TYPES)}")
         if flash_attn not in FLASH_ATTN:
             raise TinyLlavaError(f"flash_attn {flash_attn!r} is not one of {', '.join(FLASH_ATTN)}")
+        if kv_type in QUANTIZED_KV and flash_attn == "off":
+            raise TinyLlavaError(f"a {kv_type} KV cache needs flash attention; use flash_attn 'on' or 'auto', or "
+                                 "kv_type 'f16'")
         if not self.path.is_file():
             raise TinyLlavaError(f"GGUF model file {self.path} does not exist")
         _install_log()
@@ -154,6 +182,9 @@ class LlamaCppModel:
         self.n_past = 0
         self.n_ctx = 0
         self.n_batch = 0
+        self.n_threads = 0
+        self.kv_type = kv_type
+        self.kv_bytes = 0  # what the context's KV cache takes (kv_cache_bytes at n_ctx)
         # What the KV cache holds, one key per position (a token id, or (image digest, row)); kept
         # only by the callers that reuse prefixes (prefill(reuse=True)), reset by clear().
         self._keys: list = []
@@ -161,13 +192,15 @@ class LlamaCppModel:
         self.last_reused = 0  # positions the last prefill took from the cache instead of decoding
         if vocab_only:
             return
+        if kv_type in QUANTIZED_KV:
+            self._check_quantized_kv(kv_type)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = n_ctx
         self.n_batch = min(n_batch, n_ctx)
         ctx_params.n_batch = ctx_params.n_ubatch = self.n_batch
         ctx_params.n_seq_max = 1
-        threads = n_threads or min(4, os.cpu_count() or 1)
-        ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        self.n_threads = n_threads or min(4, os.cpu_count() or 1)
+        ctx_params.n_threads = ctx_params.n_threads_batch = self.n_threads
         ctx_params.type_k = ctx_params.type_v = KV_TYPES[kv_type]
         ctx_params.flash_attn_type = FLASH_ATTN[flash_attn]
         ctx_params.no_perf = True
@@ -177,11 +210,15 @@ class LlamaCppModel:
             self.close()
             raise TinyLlavaError(f"llama.cpp cannot make a {n_ctx}-token context for {self.path} ({_log_reason()})")
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        self.kv_bytes = self.kv_bytes_per_token(kv_type) * self.n_ctx
 
     # -- lifetime ----------------------------------------------------------------------------
 
     def close(self) -> None:
         """Free the context and the model (idempotent)."""
+        for batch in self._batches.values():
+            self._lib.llama_batch_free(batch)
+        self._batches.clear()
         if self._ctx is not None:
             self._lib.llama_free(self._ctx)
             self._ctx = None
@@ -198,6 +235,14 @@ class LlamaCppModel:
     def __del__(self) -> None:
         if getattr(self, "_lib", None) is not None:
             self.close()
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for the next decodes (prompt and generation alike)."""
+        if n_threads < 1:
+            raise TinyLlavaError(f"n_threads must be at least 1, got {n_threads}")
+        if n_threads != self.n_threads:
+            self._lib.llama_set_n_threads(self._need_ctx(), n_threads, n_threads)
+            self.n_threads = n_threads
 
     def _need_ctx(self):
         if self._ctx is None:
@@ -226,11 +271,8 @@ class LlamaCppModel:
         """The context the model was trained for (`<arch>.context_length`)."""
         return self._meta_int("context_length")
 
-    def kv_bytes_per_token(self, kv_type: str = "f16") -> int:
-        """KV-cache bytes per position: layers x KV heads x (key + value head size) x element size."""
-        if kv_type not in KV_TYPES:
-            raise TinyLlavaError(f"llama.cpp KV-cache type {kv_type!r} is not supported; expected one of "
-                                 f"{', '.join(KV_TYPES)}")
+    def attention_shape(self) -> tuple[int, int, int, int]:
+        """(layers, KV heads, key head size, value head size) from the GGUF metadata."""
         n_layer = self._meta_int("block_count")
         n_head = self._meta_int("attention.head_count")
         n_embd = self._meta_int("embedding_length")
@@ -239,7 +281,23 @@ class LlamaCppModel:
         n_head_kv = self._meta_int("attention.head_count_kv") or n_head
         key = self._meta_int("attention.key_length") or n_embd // n_head
         value = self._meta_int("attention.value_length") or key
-        return n_layer * n_head_kv * (key + value) * {"f16": 2, "f32": 4}[kv_type]
+        return n_layer, n_head_kv, key, value
+
+    def kv_bytes_per_token(self, kv_type: str = "f16") -> int:
+        """KV-cache bytes per position: layers x KV heads x (key + value head size) x element size."""
+        if kv_type not in KV_TYPES:
+            raise TinyLlavaError(f"llama.cpp KV-cache type {kv_type!r} is not supported; expected one of "
+                                 f"{', '.join(KV_TYPES)}")
+        return kv_cache_bytes(*self.attention_shape(), kv_type, 1)
+
+    def _check_quantized_kv(self, kv_type: str) -> None:
+        # llama.cpp quantizes each head's row in whole blocks and refuses a head size that is not a
+        # multiple of the block (Phi-2's heads are 80 wide: no q8_0 cache for it)
+        _, _, key, value = self.attention_shape()
+        block = KV_BLOCKS[kv_type][0]
+        if key % block or value % block:
+            raise TinyLlavaError(f"a {kv_type} KV cache needs attention heads whose size is a multiple of {block}; "
+                                 f"{self.path.name} has heads of {key}; use kv_type 'f16'")
 
     def _meta_int(self, name: str) -> int | None:
         arch = self.meta("general.architecture")
@@ -349,26 +407,25 @@ class LlamaCppModel:
         if self.n_past + total > self.n_ctx:
             raise TinyLlavaError(f"{self.n_past + total} positions do not fit the {self.n_ctx}-token context of "
                                  f"{self.path.name}")
-        batch = self._lib.llama_batch_init(self.n_batch, embd, 1)
-        try:
-            for start in range(0, total, self.n_batch):
-                n = min(self.n_batch, total - start)
-                fill(batch, start, n)
-                batch.n_tokens = n
-                for i in range(n):
-                    batch.pos[i] = self.n_past + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = 0
-                last = start + n == total
-                batch.logits[n - 1] = 1 if last else 0
-                status = self._lib.llama_decode(ctx, batch)
-                if status != 0:
-                    raise TinyLlavaError(f"llama_decode failed with status {status} at position {self.n_past} "
-                                         f"({_log_reason()})")
-                self.n_past += n
-        finally:
-            self._lib.llama_batch_free(batch)
+        batch = self._batches.get(embd)
+        if batch is None:
+            batch = self._batches[embd] = self._lib.llama_batch_init(self.n_batch, embd, 1)
+        for start in range(0, total, self.n_batch):
+            n = min(self.n_batch, total - start)
+            fill(batch, start, n)
+            batch.n_tokens = n
+            for i in range(n):
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 0
+            last = start + n == total
+            batch.logits[n - 1] = 1 if last else 0
+            status = self._lib.llama_decode(ctx, batch)
+            if status != 0:
+                raise TinyLlavaError(f"llama_decode failed with status {status} at position {self.n_past} "
+                                     f"({_log_reason()})")
+            self.n_past += n
         return self.logits()
 
     def logits(self) -> np.ndarray:
@@ -424,24 +481,34 @@ class LlamaCppModel:
                 logits = self.decode_embeddings(segment, own)
                 digest = (boundaries or {}).get(self.n_past)
                 if store and digest is not None and digest not in self.prefix_store:
-                    self.prefix_store.put(digest, self._save())
+                    state = self._save(self.prefix_store.capacity)
+                    if state is not None:
+                        self.prefix_store.put(digest, state)
             else:
                 logits = self.decode_tokens(segment)
         return logits
 
-    def _save(self) -> bytes:
-        """The KV state of sequence 0 (what llama_state_seq_set_data takes back)."""
+    def _save(self, limit: int) -> bytearray | None:
+        """The KV state of sequence 0 (what llama_state_seq_set_data takes back), or None when it
+        is larger than `limit` bytes (then not copied at all: at Phi-2 dims a prompt's state is
+        ~270 MB). llama.cpp writes straight into the returned buffer: no second copy (slicing a
+        ctypes array instead would build a list of one int per byte)."""
         ctx = self._need_ctx()
         size = int(self._lib.llama_state_seq_get_size(ctx, 0))
-        buf = (ctypes.c_ubyte * size)()
-        written = int(self._lib.llama_state_seq_get_data(ctx, buf, size, 0))
-        return bytes(buf[:written])
+        if size > limit:
+            return None
+        state = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(state)
+        written = int(self._lib.llama_state_seq_get_data(ctx, view, size, 0))
+        del view  # releases the export, so the buffer may be cut
+        del state[written:]
+        return state
 
-    def _restore(self, state: bytes, keys: list) -> bool:
+    def _restore(self, state: bytearray, keys: list) -> bool:
         """Replace the cache with a saved state of the positions `keys`; False if llama.cpp refuses."""
         ctx = self._need_ctx()
         self.clear()
-        buf = (ctypes.c_ubyte * len(state)).from_buffer_copy(state)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer(state)
         if not int(self._lib.llama_state_seq_set_data(ctx, buf, len(state), 0)):
             self.clear()
             return False
@@ -476,7 +543,7 @@ class PrefixStore:
 
     def __init__(self, capacity: int):
         self.capacity = max(0, int(capacity))
-        self._states: OrderedDict[bytes, bytes] = OrderedDict()
+        self._states: OrderedDict[bytes, bytearray] = OrderedDict()
         self.bytes = 0
 
     def __contains__(self, digest: bytes) -> bool:
@@ -485,13 +552,13 @@ class PrefixStore:
     def __len__(self) -> int:
         return len(self._states)
 
-    def get(self, digest: bytes) -> bytes | None:
+    def get(self, digest: bytes) -> bytearray | None:
         state = self._states.get(digest)
         if state is not None:
             self._states.move_to_end(digest)
         return state
 
-    def put(self, digest: bytes, state: bytes) -> None:
+    def put(self, digest: bytes, state: bytearray) -> None:
         if len(state) > self.capacity:
             return
         old = self._states.pop(digest, None)

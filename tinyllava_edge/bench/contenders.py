@@ -63,7 +63,7 @@ def _edge(quant: str, vision: str) -> None:
 def _raw(quant: str) -> None:
     CONTENDERS.add(f"llama.cpp {quant} (text)", Contender(
         f"llama.cpp {quant} (text)", "llama.cpp", "raw", quant,
-        f"llama-cpp-python Llama on llm-{quant}.gguf, text prompt padded to the same positions",
+        f"llama-cpp-python Llama on llm-{quant}.gguf, our prompt with random ids for the image rows",
         spec=lambda ckpt, b: {"gguf": str(_role(b[quant], "llm"))},
         files=lambda ckpt, b: [_role(b[quant], "llm")]))
 

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 FAMILY_COLOURS = {"torch": "#c44e52", "edge": "#4c72b0", "llama.cpp": "#55a868", "mtmd": "#8172b2"}
-COLUMNS = ("contender", "load s", "image ms", "TTFT ms", "TTFT cached ms", "prefill tok/s", "decode tok/s",
+COLUMNS = ("contender", "load s", "image ms", "TTFT cold ms", "TTFT warm ms", "TTFT cached ms", "prefill tok/s",
+           "decode tok/s",
            "roofline", "peak RSS MiB", "disk MiB", "accuracy %")
 
 
@@ -27,7 +28,8 @@ def table_rows(result: dict) -> list[list[str]]:
             continue
         accuracy = f"{r['accuracy']:.1f} (n={r['accuracy_n']})" if r.get("accuracy") is not None else "-"
         rows.append([r["name"], _fmt(r["load_s"], 2), _fmt(r["image_encode_ms"]), _fmt(r["ttft_ms"]),
-                     _fmt(r["ttft_cached_ms"]), _fmt(r["prefill_tokens_per_s"], 1), _fmt(r["decode_tokens_per_s"], 1),
+                     _fmt(r.get("ttft_warm_ms")), _fmt(r["ttft_cached_ms"]), _fmt(r["prefill_tokens_per_s"], 1),
+                     _fmt(r["decode_tokens_per_s"], 1),
                      _fmt(r["roofline_fraction"], 2), _fmt(r["peak_rss_mb"]), _fmt(r["disk_bytes"] / 2**20, 1),
                      accuracy])
     return rows
@@ -57,7 +59,10 @@ def section(result: dict) -> str:
         f"Model `{result['model']}`; {s['rounds']} interleaved round(s) x {s['prompts']} prompt(s), "
         f"{s['max_new_tokens']} new tokens, {s['n_threads']} threads, {s['image_tokens']} image tokens; "
         f"bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s "
-        f"({', '.join(format(m['bytes_per_s'] / 1e9, '.1f') for m in bw['measurements'])} GB/s before/after); "
+        + (f"(the fastest contender's decode; the probes read {bw['measured_bytes_per_s'] / 1e9:.1f}) "
+           if bw.get("source") == "contender" else "")
+        + f"({', '.join(format(m['bytes_per_s'] / 1e9, '.1f') + ' ' + m.get('probe', 'gemv') for m in bw['measurements'])} "
+        f"GB/s before/after); "
         f"{result['seconds'] / 60:.1f} min.",
         "",
         markdown_table(result),
@@ -109,7 +114,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     for r in roof:
         ax1.plot(result["bandwidth"]["bytes_per_s"] / r["bytes_per_token"], r["name"], "k|", markersize=14)
     ax2.barh(names, [(r["ttft_ms"] or 0) / 1e3 for r in rows], color=colours)
-    ax2.set_xlabel("time to first token, s (one image + question; lower is better)")
+    ax2.set_xlabel("cold time to first token, s (one image + question, nothing reused; lower is better)")
     ax1.invert_yaxis()
     fig.suptitle(f"{scale}: decode speed (| = memory roofline) and TTFT, medians")
     fig.tight_layout()

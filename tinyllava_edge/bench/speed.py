@@ -4,7 +4,13 @@ Rounds are interleaved (round r runs every contender once, in an order rotated b
 in the machine's speed spreads over all of them); each (round, contender) is a fresh subprocess
 (load timed, one warm-up generation excluded, then the prompts), and the figures are medians
 over rounds and prompts. The memory bandwidth is measured before the first and after the last
-round and its median divides the decode speeds (the roofline fraction).
+round; its median, or the highest bytes/s a contender's decode shows when that is higher
+(roofline.py), divides the decode speeds (the roofline fraction).
+
+TTFT comes in two columns: cold (nothing of an earlier prompt reused, every contender) and warm
+(the system prompt of the previous prompt reused, where the contender can: our runtime and raw
+llama.cpp keep the common token prefix; stock mtmd resets its context on every call, so it has
+no warm figure). Cold and warm prompts use different images, so neither finds its image cached.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from pathlib import Path
 from tinyllava_edge.bench.contenders import CONTENDERS, DEFAULT_CONTENDERS
 from tinyllava_edge.bench.floors import check_floors
 from tinyllava_edge.bench.models import BENCH_SCALE, bundles_for, resolve_model
-from tinyllava_edge.bench.roofline import (checkpoint_llm_bytes_per_token, gguf_bytes_per_token, measure_bandwidth,
-                                           roofline_fraction)
+from tinyllava_edge.bench.roofline import (bandwidth_ceiling, checkpoint_llm_bytes_per_token, gguf_bytes_per_token,
+                                           measure_bandwidth, roofline_fraction)
 from tinyllava_edge.errors import TinyLlavaError
 
 DEFAULT_ROUNDS = 3
@@ -71,7 +77,8 @@ def _synthetic_images(folder: Path, size: int, count: int) -> list[str]:
 
 
 def _prompts(checkpoint: Path, data: Path | None, cache: Path, count: int) -> tuple[dict, list[dict]]:
-    """(warm-up prompt, timed prompts): distinct images, so the warm-up never fills the image cache."""
+    """(warm-up prompt, timed prompts): distinct images, so the warm-up never fills the image cache.
+    `count` covers the cold and the warm prompts."""
     if data is not None:
         items = _shapes_items(data, 10**9)
         seen, picked = set(), []
@@ -119,11 +126,14 @@ def _summarise(name: str, rounds: list[dict], files: list[Path], bytes_per_token
            "files": [str(f) for f in files], "disk_bytes": sum(f.stat().st_size for f in files if f.is_file()),
            "bytes_per_token": bytes_per_token}
     runs = [run for r in ok for run in r["runs"]]
+    warm = [run for r in ok for run in r.get("warm", [])]
     cached = [run for r in ok for run in r["cached"]]
     row.update({
         "load_s": _median(r["load_s"] for r in ok),
         "image_encode_ms": _median(run.get("image_encode_ms") for run in runs),
         "ttft_ms": _median(run["ttft_ms"] for run in runs),
+        "ttft_warm_ms": _median(run["ttft_ms"] for run in warm),
+        "warm_reused": _median(run.get("prefix_reused") for run in warm),
         "ttft_cached_ms": _median(run["ttft_ms"] for run in cached),
         "prefill_tokens": _median(run["prefill_tokens"] for run in runs),
         "prefill_tokens_per_s": _median(run.get("prefill_tokens_per_s") for run in runs),
@@ -157,23 +167,25 @@ def run_speed(model: str, *, data: str | os.PathLike | None = None, cache_root: 
     n_threads = n_threads or os.cpu_count() or 1
     scale, checkpoint, cache = resolve_model(model, Path(cache_root))
     bundles = bundles_for(checkpoint, cache, verify=scale != BENCH_SCALE if verify is None else verify)
-    warmup, timed = _prompts(checkpoint, data_dir, cache, prompts)
+    warmup, timed = _prompts(checkpoint, data_dir, cache, 2 * prompts)
+    cold, warm = timed[:prompts], timed[prompts:]
     items = _shapes_items(data_dir, accuracy) if data_dir is not None and accuracy > 0 else []
     manifest = json.loads((bundles["F16"] / "manifest.json").read_text())
     image_tokens = next(f["n_tokens"] for f in manifest["files"] if f.get("role") == "vision")
     n_ctx = int(manifest["model"].get("max_length") or 2048)
 
-    bandwidth = [measure_bandwidth(bandwidth_gib)]
-    _log(f"memory bandwidth {bandwidth[0]['bytes_per_s'] / 1e9:.1f} GB/s (fp32 GEMV, {bandwidth_gib:g} GiB)")
+    bandwidth = [measure_bandwidth(bandwidth_gib, threads=n_threads)]
+    _log(f"memory bandwidth {bandwidth[0]['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth[0]['probe']}, "
+         f"{bandwidth_gib:g} GiB, {n_threads} threads)")
     results: dict[str, list[dict]] = {name: [] for name in contenders}
     started = time.perf_counter()
     for r in range(rounds):
         order = list(contenders)[r % len(contenders):] + list(contenders)[:r % len(contenders)]
         for name in order:
             contender = CONTENDERS.get(name)
-            spec = {"runner": contender.runner, **contender.spec(checkpoint, bundles), "prompts": timed,
-                    "warmup": warmup, "max_new_tokens": max_new_tokens, "n_threads": n_threads, "n_ctx": n_ctx,
-                    "positions": image_tokens + 48, "template": manifest["template"],
+            spec = {"runner": contender.runner, **contender.spec(checkpoint, bundles), "prompts": cold,
+                    "warm_prompts": warm, "warmup": warmup, "max_new_tokens": max_new_tokens, "n_threads": n_threads, "n_ctx": n_ctx,
+                    "image_tokens": image_tokens, "template": manifest["template"],
                     "accuracy": items if r == 0 and contender.runner != "raw" else []}
             if contender.runner == "vlm":
                 spec["options"] = {**spec.get("options", {}), "n_threads": n_threads}
@@ -186,8 +198,8 @@ def run_speed(model: str, *, data: str | os.PathLike | None = None, cache_root: 
                                                                      for x in result["runs"])))
                 if v is not None)
             _log(f"round {r + 1}/{rounds} {name}: {what} ({time.perf_counter() - t:.0f} s)")
-    bandwidth.append(measure_bandwidth(bandwidth_gib))
-    bytes_per_s = statistics.median(b["bytes_per_s"] for b in bandwidth)
+    bandwidth.append(measure_bandwidth(bandwidth_gib, threads=n_threads))
+    measured = statistics.median(b["bytes_per_s"] for b in bandwidth)
 
     rows = []
     for name in contenders:
@@ -199,7 +211,10 @@ def run_speed(model: str, *, data: str | os.PathLike | None = None, cache_root: 
             per_token = checkpoint_llm_bytes_per_token(checkpoint)
         else:
             per_token = None  # nf4 packs 4-bit blocks + absmax; bitsandbytes' CPU path dequantizes per call
-        rows.append(_summarise(name, results[name], files, per_token, bytes_per_s))
+        rows.append(_summarise(name, results[name], files, per_token, measured))
+    bytes_per_s, source = bandwidth_ceiling(measured, [(r["decode_tokens_per_s"], r["bytes_per_token"]) for r in rows])
+    for row in rows:
+        row["roofline_fraction"] = roofline_fraction(row["decode_tokens_per_s"], row["bytes_per_token"], bytes_per_s)
     out = {
         "scale": scale, "model": str(checkpoint), "data": str(data_dir) if data_dir else None,
         "bundles": {k: str(v) for k, v in bundles.items()},
@@ -207,7 +222,8 @@ def run_speed(model: str, *, data: str | os.PathLike | None = None, cache_root: 
                      "accuracy_questions": len(items), "image_tokens": image_tokens},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "processor": _cpu_name()},
-        "bandwidth": {"bytes_per_s": bytes_per_s, "measurements": bandwidth, "gib": bandwidth_gib},
+        "bandwidth": {"bytes_per_s": bytes_per_s, "measured_bytes_per_s": measured, "source": source,
+                      "measurements": bandwidth, "gib": bandwidth_gib},
         "seconds": time.perf_counter() - started,
         "contenders": rows,
         "raw": results,

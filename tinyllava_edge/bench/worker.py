@@ -5,8 +5,14 @@
 Run by :mod:`.speed` in a fresh subprocess per contender and round, so the peak RSS it reports
 is that contender's alone and nothing stays warm between rounds except the OS page cache.
 `SPEC` says which runner (`vlm`: tinyllava_edge.load, either backend; `raw`: llama-cpp-python's
-high-level `Llama` on text of the same length; `mtmd`: `Llava15ChatHandler` with the bundle's
-mmproj), the model files, the prompts and the generation length.
+high-level `Llama` on the same prompt with random token ids where the image rows go; `mtmd`:
+`Llava15ChatHandler` with the bundle's mmproj), the model files, the prompts and the generation
+length.
+
+Timed prompts come in three kinds: `prompts` run cold (every cache emptied first: image
+embeddings, KV cache, prefix states), `warm_prompts` run after the previous prompt with nothing
+emptied (new images, so only the system prompt can be reused), and each warm prompt's image is
+asked again with another question (the "cached" runs).
 """
 
 from __future__ import annotations
@@ -19,8 +25,6 @@ from pathlib import Path
 
 from tinyllava_edge.runtime.stats import peak_rss_bytes
 
-# Raw llama.cpp prompts are padded with this text to the positions our prompt takes with its image.
-_FILLER = " The quick brown fox jumps over the lazy dog."
 # The second question asked of each image (the "TTFT cached" runs).
 FOLLOW_UP = "What colour is the largest shape?"
 
@@ -37,14 +41,18 @@ def _timed_vlm(spec: dict) -> dict:
     # trained model stops after two or three tokens, too few to time. Accuracy runs stop at EOS.
     stop_ids, vlm.backend.stop_ids = vlm.backend.stop_ids, frozenset()
     vlm.generate(spec["warmup"]["image"], spec["warmup"]["question"], max_new_tokens=n)
-    runs, cached = [], []
+    runs, warm, cached = [], [], []
     for prompt in spec["prompts"]:
+        vlm.clear_caches()
         _, stats = vlm.generate(prompt["image"], prompt["question"], max_new_tokens=n, return_stats=True)
         runs.append(stats.as_dict())
-    # Each image again, with another question, after the other images: its embedding comes from
-    # the VLM's image cache and (edge backend) the KV state of its system prompt + image rows from
-    # the prefix store, since the KV cache itself holds the last image's prompt by then.
-    for prompt in spec["prompts"]:
+    for prompt in spec.get("warm_prompts", []):
+        _, stats = vlm.generate(prompt["image"], prompt["question"], max_new_tokens=n, return_stats=True)
+        warm.append(stats.as_dict())
+    # Each warm image again, with another question, after the other images: its embedding comes
+    # from the VLM's image cache and (edge backend) the KV state of its system prompt + image rows
+    # from the prefix store, since the KV cache itself holds the last image's prompt by then.
+    for prompt in spec.get("warm_prompts", []):
         _, stats = vlm.generate(prompt["image"], FOLLOW_UP, max_new_tokens=n, return_stats=True)
         cached.append(stats.as_dict())
     vlm.backend.stop_ids = stop_ids
@@ -53,7 +61,7 @@ def _timed_vlm(spec: dict) -> dict:
         text = vlm.generate(item["image"], item["question"], max_new_tokens=8)
         correct.append(exact_match_text(text) == exact_match_text(item["answer"]))
     vlm.close()
-    return {"load_s": load_s, "runs": runs, "cached": cached, "correct": correct}
+    return {"load_s": load_s, "runs": runs, "warm": warm, "cached": cached, "correct": correct}
 
 
 def _no_extra_bufts():
@@ -78,7 +86,13 @@ def _no_extra_bufts():
 
 def _timed_raw(spec: dict) -> dict:
     _no_extra_bufts()
+    import zlib
+
+    import numpy as np
     from llama_cpp import Llama
+
+    from tinyllava_edge.constants import DEFAULT_IMAGE_TOKEN
+    from tinyllava_edge.data.template import Template
 
     t = time.perf_counter()
     llm = Llama(model_path=spec["gguf"], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"],
@@ -86,16 +100,23 @@ def _timed_raw(spec: dict) -> dict:
     load_s = time.perf_counter() - t
     n = spec["max_new_tokens"]
 
-    def prompt_tokens(question: str) -> list[int]:
-        ids = llm.tokenize(question.encode(), add_bos=True, special=True)
-        filler = llm.tokenize(_FILLER.encode(), add_bos=False, special=False)
-        while len(ids) < spec["positions"]:
-            ids += filler
-        return ids[:max(spec["positions"], 1)]
+    template = Template.from_dict(spec["template"])
 
-    def run(question: str) -> dict:
-        ids = prompt_tokens(question)
-        llm.reset()
+    def prompt_tokens(prompt: dict) -> list[int]:
+        # our prompt's text around the image, and random ids (seeded by the image) for its rows:
+        # the same positions, and a common prefix with another prompt only as long as the text's
+        before, after = template.render_prompt(f"{DEFAULT_IMAGE_TOKEN}\n{prompt['question']}").split(
+            DEFAULT_IMAGE_TOKEN, 1)
+        rows = np.random.default_rng(zlib.crc32(prompt["image"].encode())).integers(0, llm.n_vocab(),
+                                                                                   spec["image_tokens"])
+        return (llm.tokenize(before.encode(), add_bos=True, special=True) + rows.tolist()
+                + llm.tokenize(after.encode(), add_bos=False, special=True))
+
+    def run(prompt: dict, cold: bool = True) -> dict:
+        ids = prompt_tokens(prompt)
+        if cold:
+            llm.reset()  # else Llama.generate keeps the prefix its cache shares with `ids`
+        held = llm.input_ids[:llm.n_tokens].tolist()  # what the cache holds before this prompt
         started = time.perf_counter()
         first = last = started
         count = 0
@@ -107,15 +128,26 @@ def _timed_raw(spec: dict) -> dict:
                 first = last
             if count >= n:
                 break
-        return {"ttft_ms": (first - started) * 1e3, "prefill_tokens": len(ids),
-                "prefill_tokens_per_s": len(ids) / (first - started), "decode_tokens": count,
+        reused = _common_prefix(ids, held)
+        return {"ttft_ms": (first - started) * 1e3, "prefill_tokens": len(ids) - reused, "prefix_reused": reused,
+                "prefill_tokens_per_s": (len(ids) - reused) / (first - started), "decode_tokens": count,
                 "decode_tokens_per_s": (count - 1) / (last - first) if count > 1 and last > first else None,
                 "image_encode_ms": None}
 
-    run("warm-up: " + spec["warmup"]["question"])
-    runs = [run(p["question"]) for p in spec["prompts"]]
+    run(spec["warmup"])
+    runs = [run(p) for p in spec["prompts"]]
+    warm = [run(p, cold=False) for p in spec.get("warm_prompts", [])]
     llm.close()
-    return {"load_s": load_s, "runs": runs, "cached": [], "correct": []}
+    return {"load_s": load_s, "runs": runs, "warm": warm, "cached": [], "correct": []}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _data_uri(path: str) -> str:
@@ -176,6 +208,7 @@ def _timed_mtmd(spec: dict) -> dict:
             "image_encode_ms": None}
 
     run(spec["warmup"]["image"], spec["warmup"]["question"], n)
+    # Llava15ChatHandler empties the context on every call: every run is cold, none warm
     runs = [run(p["image"], p["question"], n)[1] for p in spec["prompts"]]
     correct = [exact_match_text(run(item["image"], item["question"], 8, timed=False)[0]) == exact_match_text(item["answer"])
                for item in spec.get("accuracy", [])]

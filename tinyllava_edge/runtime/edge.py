@@ -16,6 +16,7 @@ Imports numpy, onnxruntime and llama-cpp-python only: no torch.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,9 +28,10 @@ from tinyllava_edge.data.preprocess import PreprocessConfig
 from tinyllava_edge.data.template import Template, get_template
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.hub import model_name
-from tinyllava_edge.llamacpp import FLASH_ATTN, KV_TYPES, LlamaCppModel, LlamaCppTokenizer
+from tinyllava_edge.llamacpp import FLASH_ATTN, KV_TYPES, QUANTIZED_KV, LlamaCppModel, LlamaCppTokenizer
 from tinyllava_edge.runtime.backend import check_options, check_segments, stop_token_ids
 from tinyllava_edge.runtime.devices import TENSORRT_EP, detect, plan_device
+from tinyllava_edge.runtime.threads import FreeCores
 
 OPTIONS = ("n_threads", "n_ctx", "n_gpu_layers", "kv_type", "flash_attn", "vision", "check_hashes", "template",
            "prefix_cache_mb", "probes")
@@ -78,6 +80,22 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
     return (RuntimeError, ValueError, OSError, *own)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed inside the process back to the system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    onnxruntime parses the whole vision graph (protobuf) before it copies the weights out and frees
+    it; glibc keeps those freed pages in its heaps, and in about half the loads (measured on the
+    bench-scale bundle, fp32 SigLIP-so400m graph of 1.6 GB) the process stayed ~960 MB larger after
+    load (3.03 vs 2.07 GB resident) until something reused them. Trimming once after the session
+    is made costs milliseconds.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        pass
+
+
 def _tensorrt_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     path = os.path.join(base, "tinyllava-edge", "tensorrt")
@@ -89,9 +107,12 @@ class EdgeBackend:
     """A bundle directory on `device` ("auto" | "cpu" | "cuda" | "jetson").
 
     Options: `n_threads`, `n_ctx`, `n_gpu_layers` (default: the device plan's, see
-    runtime/devices.py); `kv_type` "f16" (default) | "f32"; `flash_attn` "auto" | "on" | "off"
-    (default: "off" on the CPU, "auto" on GPUs; "f32" + "off" make llama.cpp match PyTorch as
-    closely as it can); `vision` the quant of
+    runtime/devices.py; without `n_threads` the LLM runs on the plan's threads less the cores
+    other processes keep busy, looked at before each prompt and every second of decoding:
+    runtime/threads.py); `kv_type` "f16" (default) | "f32" | "q8_0" (half the cache, with flash
+    attention); `flash_attn` "auto" | "on" | "off" (default: "off" on the CPU with an f16/f32
+    cache, "auto" on GPUs and with q8_0; "f32" + "off" make llama.cpp match PyTorch as closely
+    as it can); `vision` the quant of
     the vision graph to run (default: the manifest's `vision_default`, which
     quantized bundles set, else "fp32"; "fp16", "int8", "int4" where the bundle has them); `check_hashes`
     (default True: every file's sha256 against the manifest); `template` a chat template name
@@ -136,7 +157,11 @@ class EdgeBackend:
             trained = shapes.context_length() or int(model.get("max_length") or 2048)
         # the LLM's own context, and no more than the sequence length the VLM was trained with
         max_context = min(trained, int(model.get("max_length") or trained))
-        weights = llm_file["size"] + vision_file["size"]
+        prefix_mb = options.get("prefix_cache_mb", DEFAULT_PREFIX_CACHE_MB)
+        if isinstance(prefix_mb, bool) or not isinstance(prefix_mb, (int, float)) or prefix_mb < 0:
+            raise TinyLlavaError(f"prefix_cache_mb must be a number >= 0 (0: no prefix reuse), got {prefix_mb!r}")
+        # what stays resident besides the KV cache: both files (mapped, read whole) and the prefix store
+        weights = llm_file["size"] + vision_file["size"] + int(prefix_mb * 2**20)
         self.hardware = detect(options.get("probes"))
         self.plan = plan_device(device, self.hardware, kv_bytes_per_token=kv_per_token, weights_bytes=weights,
                                 max_context=max_context, min_context=min(max_context, self.image_tokens + _PROMPT_ROOM),
@@ -146,8 +171,9 @@ class EdgeBackend:
         if flash_attn is None:
             # On the CPU, llama.cpp's "auto" turns flash attention on, which made decode ~17 % slower
             # here (Qwen2-0.5B dims, Q4_K_M, 850-position context: 18.2 vs 22.0 tok/s) for a ~7 %
-            # faster prefill; decoded tokens are most of a chat's time. GPUs keep "auto".
-            flash_attn = "off" if self.device == "cpu" else "auto"
+            # faster prefill; decoded tokens are most of a chat's time. GPUs keep "auto", and a
+            # quantized cache needs it.
+            flash_attn = "off" if self.device == "cpu" and kv_type not in QUANTIZED_KV else "auto"
 
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3
@@ -160,16 +186,18 @@ class EdgeBackend:
         except _ort_errors() as err:
             raise TinyLlavaError(f"onnxruntime cannot load {vision_file['name']} with {', '.join(self.plan.providers)} "
                                  f"({str(err).splitlines()[0]})") from None
+        release_freed_memory()
         self.vision_file = vision_file["name"]
-        prefix_mb = options.get("prefix_cache_mb", DEFAULT_PREFIX_CACHE_MB)
-        if isinstance(prefix_mb, bool) or not isinstance(prefix_mb, (int, float)) or prefix_mb < 0:
-            raise TinyLlavaError(f"prefix_cache_mb must be a number >= 0 (0: no prefix reuse), got {prefix_mb!r}")
         self.prefix_reuse = prefix_mb > 0
         self.llm = LlamaCppModel(llm_path, n_ctx=self.plan.n_ctx, n_threads=self.plan.n_threads,
                                  n_gpu_layers=self.plan.n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
                                  prefix_cache_bytes=int(prefix_mb * 2**20))
         self.llm_file = llm_file["name"]
         self.kv_type, self.flash_attn = kv_type, flash_attn
+        # Threads follow the free cores only when the caller did not fix them, and only on the CPU
+        # (offloaded layers do not wait on CPU threads).
+        self.free_cores = (FreeCores(self.plan.n_threads)
+                           if options.get("n_threads") is None and self.plan.n_gpu_layers == 0 else None)
         self.n_ctx = self.llm.n_ctx
         self.n_vocab = self.llm.n_vocab
         self.positions_decoded = 0
@@ -212,8 +240,13 @@ class EdgeBackend:
         self._fresh = True
         self.last_reused = 0
 
+    def _adapt_threads(self, fresh: bool) -> None:
+        if self.free_cores is not None and (fresh or self.free_cores.due()):
+            self.llm.set_threads(self.free_cores.threads())
+
     def feed(self, segments: Sequence) -> np.ndarray:
         total = check_segments(segments, self.n_past, self.n_ctx, self.n_vocab, self.llm_file)
+        self._adapt_threads(self._fresh)
         if self._fresh:
             self._fresh = False
             logits = self.llm.prefill(segments, reuse=self.prefix_reuse)
@@ -229,6 +262,12 @@ class EdgeBackend:
         self.positions_decoded += total
         return logits
 
+    def clear_caches(self) -> None:
+        """Empty the KV cache and the prefix store: nothing of an earlier prompt is reused."""
+        self.llm.clear()
+        self.llm.prefix_store.clear()
+        self._fresh = True
+
     def detokenizer(self) -> _PieceDetokenizer:
         return _PieceDetokenizer(self.llm)
 
@@ -243,6 +282,9 @@ class EdgeBackend:
             "vision": self.vision_file,
             "llm": self.llm_file,
             "kv_type": self.kv_type,
+            "kv_cache_mb": self.llm.kv_bytes / 2**20,
+            "llm_threads": self.llm.n_threads,
+            "adaptive_threads": self.free_cores is not None,
             "flash_attn": self.flash_attn,
             "prefix_cache_mb": self.llm.prefix_store.capacity / 2**20,
             "image_tokens": self.image_tokens,

@@ -105,6 +105,14 @@ class VLM:
         return {**self.backend.info(), "image_cache_size": self.image_cache.capacity,
                 "allow_truncated_images": self.allow_truncated_images}
 
+    def clear_caches(self) -> None:
+        """Forget every image and prompt seen: the next answer encodes and prefills everything
+        (the image cache, and a backend's KV cache and prefix states where it keeps them)."""
+        self.image_cache.clear()
+        clear = getattr(self.backend, "clear_caches", None)
+        if clear is not None:
+            clear()
+
     def close(self) -> None:
         self.backend.close()
 

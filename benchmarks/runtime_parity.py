@@ -50,13 +50,9 @@ def _log(message: str) -> None:
 
 
 def _cpu() -> dict:
-    name = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return {"cpu": name, "cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg())}
+    from tinyllava_edge.runtime.devices import cpu_model_name
+
+    return {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg())}
 
 
 def _vm(field: str) -> int:

@@ -307,13 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--log", type=Path, default=Path("/tmp/serve_load.log"), help="the server's stderr")
     args = parser.parse_args(argv)
-    from tinyllava_edge.runtime.devices import default_threads, detect
+    from tinyllava_edge.runtime.devices import cpu_model_name, default_threads, detect
 
     cores = default_threads(detect())
     questions = shapes_questions(args.images)
     figures: dict = {"command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv or sys.argv[1:])]),
                      "model": str(args.model), "max_tokens": args.max_tokens,
-                     "machine": {"cpus": os.cpu_count(), "physical_cores": cores, "processor": _cpu_name(),
+                     "machine": {"cpus": os.cpu_count(), "physical_cores": cores, "processor": cpu_model_name(),
                                  "python": platform.python_version(), "load_average_before": os.getloadavg()},
                      "runs": [], "floors": {}}
     failures = []
@@ -381,16 +381,6 @@ def _line(row: dict) -> str:
             f"{row['latency_p95_s'] * 1e3:.0f} ms, TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms, "
             f"{row['requests_per_s']:.1f} req/s, {row['tokens_per_s']:.0f} tok/s, RSS peak {row['rss_peak_mb']:.0f} "
             f"MiB (after first round {row['rss_after_first_mb']:.0f}, end {row['rss_end_mb']:.0f})")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

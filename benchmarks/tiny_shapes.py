@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,17 +27,6 @@ import time
 from pathlib import Path
 
 FLOOR_RUN, FLOOR_MEAN, FLOOR_KIND, FLOOR_SECONDS = 93.0, 95.0, 85.0, 600.0
-
-
-def cpu_model() -> str:
-    """The CPU's model name as lscpu prints it ('' where /proc/cpuinfo has none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def train_seed(seed: int, out: Path) -> dict:
@@ -106,13 +94,14 @@ def main() -> int:
             r = runs[-1]
             print(f"seed {seed}: {r['exact_match']:.2f} % in {r['train_wall_seconds']:.0f} s", file=sys.stderr,
                   flush=True)
+    from tinyllava_edge.runtime.devices import cpu_model_name
     from tinyllava_edge.train.preset_recipes import recipe_description
 
     checks = floors(runs)
     accs = [r["exact_match"] for r in runs]
     figures = {
         "command": "python benchmarks/tiny_shapes.py --seeds " + " ".join(map(str, args.seeds)),
-        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model()},
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model_name()},
         "recipe": recipe_description("tiny-shapes"),
         "runs": runs, "mean": round(statistics.fmean(accs), 2), "worst": round(min(accs), 2),
         "floors": checks,

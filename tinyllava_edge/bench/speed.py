@@ -32,6 +32,7 @@ from tinyllava_edge.bench.models import BENCH_SCALE, bundles_for, resolve_model
 from tinyllava_edge.bench.roofline import (bandwidth_ceiling, checkpoint_llm_bytes_per_token, gguf_bytes_per_token,
                                            measure_bandwidth, roofline_fraction)
 from tinyllava_edge.errors import TinyLlavaError
+from tinyllava_edge.runtime.devices import cpu_model_name
 
 DEFAULT_ROUNDS = 3
 DEFAULT_PROMPTS = 2
@@ -221,7 +222,7 @@ def run_speed(model: str, *, data: str | os.PathLike | None = None, cache_root: 
         "settings": {"rounds": rounds, "prompts": prompts, "max_new_tokens": max_new_tokens, "n_threads": n_threads,
                      "accuracy_questions": len(items), "image_tokens": image_tokens},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "processor": _cpu_name()},
+                    "processor": cpu_model_name()},
         "bandwidth": {"bytes_per_s": bytes_per_s, "measured_bytes_per_s": measured, "source": source,
                       "measurements": bandwidth, "gib": bandwidth_gib},
         "seconds": time.perf_counter() - started,
@@ -230,14 +231,3 @@ def run_speed(model: str, *, data: str | os.PathLike | None = None, cache_root: 
     }
     out["floors"] = check_floors(rows)
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

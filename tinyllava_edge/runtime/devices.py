@@ -41,6 +41,7 @@ torch.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -292,3 +293,16 @@ def plan_device(device: str, hardware: Hardware, *, kv_bytes_per_token: int, wei
     if threads < 1:
         raise TinyLlavaError(f"n_threads must be at least 1, got {threads}")
     return DevicePlan(chosen, providers, layers, threads, context, memory, tuple(notes))
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as `lscpu` prints it (benchmarks name it beside every figure);
+    platform.processor() where /proc/cpuinfo has no model name (ARM, macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

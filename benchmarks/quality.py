@@ -360,9 +360,14 @@ def _onnx_note(results: list[dict]) -> str:
     compared = "worse than" if gptq < rtn else "as good as" if gptq == rtn else "better than"
     drop = _drop(results, "GGUF F16 + ONNX int8")
     cost = f"costs this small tower {drop:.1f} points" if drop > 0 else f"costs nothing here ({-drop:+.1f} points)"
+    size = {r["variant"]: r["size_bytes"] for r in results}
+    larger = ""
+    if size["GGUF F16 + ONNX int4"] >= size["GGUF F16 + ONNX int8"]:
+        larger = (" int4 (MatMulNBits) rewrites the MatMuls only, so the patch-embedding Conv stays fp32 and this "
+                  "graph is larger in int4 than in int8 (`quantize_dynamic` makes the Conv a ConvInteger too).")
     return ("* ONNX int4-gptq is onnxruntime's vendored neural-compressor GPTQ (runs on CPU; 64 training images, "
             f"block 128, per-channel): {compared} RTN here ({gptq:.1f} % against {rtn:.1f} %). int8 is "
-            f"`quantize_dynamic` (activations quantized at run time), which {cost}.")
+            f"`quantize_dynamic` (activations quantized at run time), which {cost}.{larger}")
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -390,8 +395,9 @@ def write_report(report: dict, out: Path) -> None:
         f"Model: {report.get('model_description') or report['model']}; its 16-bit bundle `{report['bundle']}`. "
         f"Questions: {report['subset']}. Greedy, "
         f"at most {MAX_NEW_TOKENS} new tokens, 1 thread, llama.cpp KV cache F32, flash attention off. Reference for "
-        "agreement and KL: torch fp32. Size: LLM GGUF + the vision ONNX that ran (edge), `torch.save` of the state "
-        "dict (torch; the bnb variants keep lm_head and the vision tower in fp32). Made by "
+        "agreement and KL: torch fp32. Size: LLM GGUF + the vision ONNX that ran (edge: the graph stops at the "
+        "model's vision feature layer), `torch.save` of the state dict (torch: every tower layer; the bnb variants "
+        "keep lm_head and the vision tower in fp32). Made by "
         "`benchmarks/quality.py`; figures in `docs/results/quality.json`.", "",
         *lines, "",
         f"Floor: Q8_0 greedy-token agreement with fp32 {floor['q8_0_greedy_token_agreement']:.2f} % "

@@ -64,7 +64,11 @@ def test_the_report_derives_its_sentences_from_the_figures(tmp_path):
     assert "rows 256 or 320 wide; those 320 wide are not a multiple of 256" in text
     assert "better than RTN here (89.0 % against 88.0 %)" in text
     assert "which costs nothing here (+1.0 points)" in text
+    assert "larger in int4 than in int8" in text  # same size in this report
     assert json.loads((tmp_path / "results" / "quality.json").read_text())["model_description"].startswith("the ")
     report["gguf_row_widths"] = [256, 512]
+    report["results"][2]["size_bytes"] = 2**19
     quality.write_report(report, tmp_path)
-    assert "rows 256 or 512 wide, so no K-quant falls back here" in (tmp_path / "quality.md").read_text()
+    text = (tmp_path / "quality.md").read_text()
+    assert "rows 256 or 512 wide, so no K-quant falls back here" in text
+    assert "larger in int4" not in text

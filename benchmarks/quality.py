@@ -1,7 +1,7 @@
 """Accuracy vs size of every quantized variant of the tiny-shapes model (the quantization report).
 
     python benchmarks/quality.py --model runs/tiny-shapes/model --bundle runs/tiny-shapes/bundle \
-        --data runs/tiny-shapes/data [--n 1000] [--work /tmp/quality] [--out docs]
+        --data runs/tiny-shapes/data [--n 1000] [--work /tmp/quality] [--out docs] [--model-note TEXT]
 
 Variants: torch fp32 (the reference) / bnb nf4 / bnb int8 (LLM quantized, tower fp32) / GPTQ 4-bit
 (measured in .venv-gptq by benchmarks/quality_gptq.py, merged with `--gptq-json`); GGUF F16,
@@ -15,8 +15,11 @@ size on disk (edge: the LLM GGUF + the vision ONNX that ran; torch: `torch.save`
 dict), exact match overall and per kind, greedy-token agreement with torch fp32 (share of the
 reference's tokens, stop token included, reproduced at the same position), answers identical,
 mean KL(fp32 || variant) of the first answer token's distribution. Writes docs/quality.md,
-docs/quality.png (accuracy vs size, Pareto front marked) and docs/results/quality.json. Exits 1
-when the floor is missed: the Q8_0 bundle agrees with fp32 on >= 99 % of greedy tokens.
+docs/quality.png (accuracy vs size, Pareto front marked) and docs/results/quality.json. The header
+says which model was measured: `--model-note` (what the run was: which recipe, which CPU), then
+the seed, steps, precision and test accuracy of the preset run's recipe_summary.json when it sits
+beside the checkpoint. Exits 1 when the floor is missed: the Q8_0 bundle agrees with fp32 on >= 99 %
+of greedy tokens.
 """
 
 from __future__ import annotations
@@ -42,6 +45,29 @@ def subset(data: Path, n: int) -> list[dict]:
     records = json.loads((data / "test.json").read_text())
     pick = np.sort(np.random.default_rng(0).choice(len(records), size=min(n, len(records)), replace=False))
     return [records[i] for i in pick]
+
+
+def describe_model(model: Path, note: str | None) -> str:
+    """The report header's account of the model: `note`, the facts of the preset run that made it
+    (its recipe_summary.json, read only when that summary names this checkpoint), and its path."""
+    from tinyllava_edge.train.preset_recipes import SUMMARY_FILE
+
+    parts = [note] if note else []
+    path = model.parent / SUMMARY_FILE
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    if summary and Path(summary["model"]).resolve() == model.resolve():
+        stages = summary["stages"].values()
+        steps = " + ".join(f"{name} {s['steps_this_run']}" for name, s in summary["stages"].items())
+        kinds = "/".join(sorted({f"{s['precision']} on {s['device']}" for s in stages}))
+        run = f"`tinyllava-train --preset {summary['preset']}` seed {summary['seed']} ({steps} steps, {kinds})"
+        ev = summary.get("eval")
+        if ev:
+            per_kind = ", ".join(f"{k} {v:.1f}" for k, v in sorted(ev["per_kind"].items()))
+            run += (f", {ev['exact_match']:.1f} % exact match on the whole {ev['split']} split ({ev['n']} questions; "
+                    f"{per_kind})")
+        parts.append(f"{run}, from its {SUMMARY_FILE}")
+    parts.append(f"checkpoint `{model}`")
+    return "; ".join(parts)
 
 
 def run_variant(vlm, questions: list[dict], data: Path) -> dict:
@@ -132,10 +158,13 @@ def main() -> int:
                         help="re-read docs/results/quality.json, redo the cheap extras (mmproj, tensor types), rewrite")
     parser.add_argument("--gptq-json", type=Path,
                         help="torch GPTQ rows measured by benchmarks/quality_gptq.py in .venv-gptq, merged in")
+    parser.add_argument("--model-note",
+                        help="what the model is, for the report's header (e.g. which recipe, trained on which CPU)")
     args = parser.parse_args()
     gptq = json.loads(args.gptq_json.read_text()) if args.gptq_json else None
     if args.report_only:
         report = json.loads((args.out / "results" / "quality.json").read_text())
+        report["model_description"] = describe_model(args.model, args.model_note)
         report.update(extras(args.model, args.bundle, args.data, args.work))
         if gptq:
             merge_gptq(report, gptq)
@@ -210,7 +239,8 @@ def main() -> int:
     q8 = by_name["GGUF Q8_0 + ONNX fp32"]["greedy_token_agreement"]
     reference_digest = hashlib.sha256(json.dumps(ref["tokens"]).encode()).hexdigest()
     report = {
-        "model": str(args.model), "bundle": str(args.bundle), "questions": len(questions),
+        "model": str(args.model), "model_description": describe_model(args.model, args.model_note),
+        "bundle": str(args.bundle), "questions": len(questions),
         "subset": f"{len(questions)} of the {len(json.loads((args.data / 'test.json').read_text()))} test questions, "
                   "numpy default_rng(0).choice without replacement, in file order",
         "settings": {"max_new_tokens": MAX_NEW_TOKENS, "threads": 1, "kv_type": "f32", "flash_attn": "off"},
@@ -253,10 +283,15 @@ def extras(model_dir: Path, bundle: Path, data: Path, work: Path) -> dict:
     from tinyllava_edge.model import TinyLlavaForConditionalGeneration
     from tinyllava_edge.quant.gguf import tensor_types, type_summary
 
+    import gguf
+
     types = {}
     for quant in GGUF_VARIANTS:
         path = work / f"bundle-{quant}" / f"llm-{quant}.gguf"
         types[quant] = type_summary(tensor_types(path), quant)
+    # a tensor's row (shape[0], ggml order) is what K-quants need whole in blocks of 256
+    matrices = [t for t in gguf.GGUFReader(str(bundle / "llm-F16.gguf")).tensors if len(t.shape) == 2]
+    widths = sorted({int(t.shape[0]) for t in matrices})
     model = TinyLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     records = json.loads((data / "test.json").read_text())
     images = [str(data / r["image"]) for r in records[:40:5]]  # 8 test images
@@ -267,7 +302,7 @@ def extras(model_dir: Path, bundle: Path, data: Path, work: Path) -> dict:
                         "min_cosine": min(r["min_cosine"] for r in runs),
                         "mean_cosine": float(np.mean([r["mean_cosine"] for r in runs])),
                         "max_rel_diff": max(r["max_rel_diff"] for r in runs)}
-    return {"gguf_tensor_types": types, "mmproj": mmproj}
+    return {"gguf_tensor_types": types, "gguf_row_widths": widths, "mmproj": mmproj}
 
 
 def pareto(results: list[dict]) -> set[str]:
@@ -307,6 +342,34 @@ def _gptq_note(results: list[dict]) -> str:
             "(`_weight_int4pack_mm_for_cpu`) with bf16 activations.")
 
 
+def _widths_note(widths: list[int]) -> str:
+    """Whether this model's matrices leave any K-quant a fallback (rows must be multiples of 256)."""
+    listed = " or ".join(map(str, widths))
+    narrow = [w for w in widths if w % 256]
+    if not narrow:
+        return (f"Every 2-D tensor of this model has rows {listed} wide, so no K-quant falls back here (K-quants "
+                "need rows that are a multiple of 256); the Q6_K tensors in Q4_K_M / Q5_K_M / Q4_0 are llama.cpp's "
+                "mix choices (output, attn_v, ffn_down of later layers).")
+    return (f"The 2-D tensors of this model have rows {listed} wide; those {', '.join(map(str, narrow))} wide are "
+            "not a multiple of 256, so K-quants fall back to another type there (listed above, beside the mix's "
+            "own wider choices for output, attn_v, ffn_down).")
+
+
+def _onnx_note(results: list[dict]) -> str:
+    gptq, rtn = _accuracy(results, "GGUF F16 + ONNX int4-gptq"), _accuracy(results, "GGUF F16 + ONNX int4")
+    compared = "worse than" if gptq < rtn else "as good as" if gptq == rtn else "better than"
+    drop = _drop(results, "GGUF F16 + ONNX int8")
+    cost = f"costs this small tower {drop:.1f} points" if drop > 0 else f"costs nothing here ({-drop:+.1f} points)"
+    size = {r["variant"]: r["size_bytes"] for r in results}
+    larger = ""
+    if size["GGUF F16 + ONNX int4"] >= size["GGUF F16 + ONNX int8"]:
+        larger = (" int4 (MatMulNBits) rewrites the MatMuls only, so the patch-embedding Conv stays fp32 and this "
+                  "graph is larger in int4 than in int8 (`quantize_dynamic` makes the Conv a ConvInteger too).")
+    return ("* ONNX int4-gptq is onnxruntime's vendored neural-compressor GPTQ (runs on CPU; 64 training images, "
+            f"block 128, per-channel): {compared} RTN here ({gptq:.1f} % against {rtn:.1f} %). int8 is "
+            f"`quantize_dynamic` (activations quantized at run time), which {cost}.{larger}")
+
+
 def write_report(report: dict, out: Path) -> None:
     import matplotlib
 
@@ -329,10 +392,12 @@ def write_report(report: dict, out: Path) -> None:
     floor = report["floor"]
     text = [
         "# Quantization: accuracy vs size (tiny-shapes)", "",
-        f"Model `{report['model']}`, 16-bit bundle `{report['bundle']}`. Questions: {report['subset']}. Greedy, "
+        f"Model: {report.get('model_description') or report['model']}; its 16-bit bundle `{report['bundle']}`. "
+        f"Questions: {report['subset']}. Greedy, "
         f"at most {MAX_NEW_TOKENS} new tokens, 1 thread, llama.cpp KV cache F32, flash attention off. Reference for "
-        "agreement and KL: torch fp32. Size: LLM GGUF + the vision ONNX that ran (edge), `torch.save` of the state "
-        "dict (torch; the bnb variants keep lm_head and the vision tower in fp32). Made by "
+        "agreement and KL: torch fp32. Size: LLM GGUF + the vision ONNX that ran (edge: the graph stops at the "
+        "model's vision feature layer), `torch.save` of the state dict (torch: every tower layer; the bnb variants "
+        "keep lm_head and the vision tower in fp32). Made by "
         "`benchmarks/quality.py`; figures in `docs/results/quality.json`.", "",
         *lines, "",
         f"Floor: Q8_0 greedy-token agreement with fp32 {floor['q8_0_greedy_token_agreement']:.2f} % "
@@ -347,10 +412,9 @@ def write_report(report: dict, out: Path) -> None:
         *(f"| {q} | {', '.join(f'{k} x{v}' for k, v in t['counts'].items())} | "
           f"{', '.join(f'{n} {ty}' for n, ty in t['not_main_type'].items()) or '-'} |"
           for q, t in report.get("gguf_tensor_types", {}).items()), "",
-        "Every 2-D tensor of this model is 256 or 768 wide, so no K-quant falls back here (K-quants need rows "
-        "that are a multiple of 256); the Q6_K tensors in Q4_K_M / Q5_K_M / Q4_0 are llama.cpp's mix choices "
-        "(output, attn_v, ffn_down of later layers). On narrower models llama.cpp writes fallbacks (e.g. "
-        "token_embd in Q5_0/Q8_0 at hidden 64: tests/test_quant.py) and `tinyllava-quantize` lists them.", "",
+        *([_widths_note(report["gguf_row_widths"])] if "gguf_row_widths" in report else []),
+        "On narrower models llama.cpp writes fallbacks (e.g. token_embd in Q5_0/Q8_0 at hidden 64: "
+        "tests/test_quant.py) and `tinyllava-quantize` lists them.", "",
         "## mmproj (stock llama.cpp mtmd vs PyTorch `encode_images`)", "",
         "| mmproj | size (MiB) | min token cosine | mean token cosine | max rel diff |", "|---|---|---|---|---|",
         *(f"| {k} | {v['size_bytes'] / 2**20:.2f} | {v['min_cosine']:.5f} | {v['mean_cosine']:.6f} | "
@@ -358,10 +422,7 @@ def write_report(report: dict, out: Path) -> None:
         "Stock llama.cpp accepts the Q8_0 mmproj (gguf-py's numpy Q8_0 on the attention/FFN/projector "
         "matrices; patch and position embeddings kept F16), so 4- and 8-bit bundles carry mmproj-Q8_0.gguf.", "",
         "## Notes", "",
-        _gptq_note(results), "* bnb fp4 is offered too (not in the table).",
-        "* ONNX int4-gptq is onnxruntime's vendored neural-compressor GPTQ (runs on CPU; 64 training images, "
-        "block 128, per-channel): worse than RTN here. int8 is `quantize_dynamic` (activations quantized at run "
-        f"time), which costs this small tower {_drop(results, 'GGUF F16 + ONNX int8'):.1f} points.",
+        _gptq_note(results), "* bnb fp4 is offered too (not in the table).", _onnx_note(results),
         f"* The fp32 checkpoint scores {_accuracy(results, 'torch fp32'):.1f} % on this subset; the figures compare "
         "variants of that model, not the preset's training floor.", "",
     ]

@@ -360,7 +360,7 @@ def test_cli_help(capsys):
 def test_cli_exports_f16_with_a_summary(small_ckpt, tmp_path, capsys):
     assert export_main(["--model", str(small_ckpt), "--out", str(tmp_path / "b"), "--check-images", "2"]) == 0
     captured = capsys.readouterr()
-    assert "[1/7] loading checkpoint" in captured.err
+    assert "[1/9] reading" in captured.err and "peak RSS" in captured.err
     out = captured.out
     for part in ("vision.onnx", "llm-F16.gguf", "mmproj-F16.gguf", "manifest.json", "KiB",
                  "greedy tokens identical on", "tokenizer         100.0 %", "known deviations"):

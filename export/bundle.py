@@ -233,34 +233,36 @@ def _write_parts(parts: CheckpointParts, folder: Path, steps: Steps, precision: 
     skipped: list[dict] = []
     validation: dict[str, Any] = {"enabled": verify}
 
-    steps.start("vision tower + connector -> vision.onnx (fp32)")
-    with _quiet_onnx_exporter():
-        vision = export_vision_onnx(model, folder / "vision.onnx", dtype="fp32", validate=verify, progress=progress)
-    files += _onnx_records(vision, "fp32")
-    if verify:
-        validation["vision_onnx"] = _check_onnx(vision["validation"])
+    # The graphs and the mmproj all read the float32 tower; vision.onnx comes last and frees it
+    # before onnxruntime checks the graph, so one copy of the vision weights is in memory at a time.
+    mmproj_record = None
+    if gguf and mmproj:
+        steps.start(f"vision tower + connector -> mmproj-{precision.gguf_type}.gguf")
+        mmproj_record, reason = _write_mmproj(model, folder, precision)
+        if mmproj_record is None:
+            skipped.append({"role": "mmproj", "reason": reason})
+    elif gguf:
+        skipped.append({"role": "mmproj", "reason": "not asked for (mmproj=False)"})
+    half_records = []
     if with_fp16:
         steps.start("vision tower + connector -> vision-fp16.onnx")
         with _quiet_onnx_exporter():
             half = export_vision_onnx(model, folder / "vision-fp16.onnx", dtype="fp16", validate=verify,
                                       progress=progress)
-        files += _onnx_records(half, "fp16")
+        half_records = _onnx_records(half, "fp16")
         if verify:
             validation["vision_onnx_fp16"] = half["validation"]
+    steps.start("vision tower + connector -> vision.onnx (fp32)")
+    with _quiet_onnx_exporter():
+        vision = export_vision_onnx(model, folder / "vision.onnx", dtype="fp32", validate=verify, progress=progress,
+                                    release_weights=True)
+    files += _onnx_records(vision, "fp32") + half_records
+    if verify:
+        validation["vision_onnx"] = _check_onnx(vision["validation"])
 
     if gguf:
         from tinyllava_edge.export.gguf_llm import write_llm_gguf
 
-        mmproj_record = None
-        if mmproj:
-            steps.start(f"vision tower + connector -> mmproj-{precision.gguf_type}.gguf")
-            mmproj_record, reason = _write_mmproj(model, folder, precision)
-            if mmproj_record is None:
-                skipped.append({"role": "mmproj", "reason": reason})
-        else:
-            skipped.append({"role": "mmproj", "reason": "not asked for (mmproj=False)"})
-        for part in CheckpointParts.VISION:  # written: the LLM stages need the model's shapes only
-            getattr(model, part).to("meta")
         steps.start(f"LLM + tokenizer -> llm-{precision.gguf_type}.gguf (streamed from the checkpoint)")
         llm_path = folder / f"llm-{precision.gguf_type}.gguf"
         weights = parts.llm_weights()

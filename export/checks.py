@@ -208,33 +208,55 @@ def probe_embd_scale(llm: LlamaCppModel, rows: np.ndarray, ids: Sequence[int]) -
 
 @contextmanager
 def computed_in_fp32(model) -> Iterator[None]:
-    """Run `model` (weights stored in bf16/fp16) in float32, one module's weights widened at a time.
+    """Run `model` (weights stored in bf16/fp16) in float32, one block's weights widened at a time.
 
-    Each module whose own parameters are narrower than float32 gets them widened just before its
-    forward and narrowed back right after (exact: a bf16 value is a float32 value), so a 3B
-    reference costs its stored bytes plus the largest single matrix in float32, and computes what
-    a float32 copy of the same weights computes; image pixels go in as float32 too. What the
-    checks measure is then the file's rounding against float32 arithmetic, the same figure and
-    tolerance as for a float32 checkpoint.
+    Each block (a decoder or encoder layer, the patch embedding, the connector, the embedding
+    matrix, the output layer: the largest subtrees no bigger than the largest single module) gets
+    its weights widened just before its forward and narrowed back right after (exact: a bf16 value
+    is a float32 value). Whole blocks, not single matrices, because modules cast their inputs to
+    their children's dtype (SigLIP's patch embedding does), which must then read float32. A 3B
+    reference costs its stored bytes plus the largest block in float32, and computes what a
+    float32 copy of the same weights computes; image pixels go in as float32 too. What the checks
+    measure is then the file's rounding against float32 arithmetic, with the float32 tolerances.
     """
     import torch
 
-    handles = []
+    def narrow_bytes(module, recurse: bool) -> int:
+        return sum(4 * p.numel() for p in module.parameters(recurse=recurse)
+                   if p.is_floating_point() and p.dtype != torch.float32)
+
+    limit = max((narrow_bytes(m, False) for m in model.modules()), default=0)
+    blocks = []
+
+    def choose(module) -> None:
+        total = narrow_bytes(module, True)
+        if total == 0:
+            return
+        if total <= limit:
+            blocks.append(module)
+            return
+        if narrow_bytes(module, False):
+            blocks.append(module)  # its own matrices are the largest; children get their own blocks
+        for child in module.children():
+            choose(child)
 
     def widen(module, args):
-        narrow = {n: p.data for n, p in module.named_parameters(recurse=False)
-                  if p.is_floating_point() and p.dtype != torch.float32}
+        recurse = module not in own_only
+        narrow = [(p, p.data) for p in module.parameters(recurse=recurse)
+                  if p.is_floating_point() and p.dtype != torch.float32]
         module._narrow_weights = narrow
-        for name, data in narrow.items():
-            getattr(module, name).data = data.float()
+        for param, data in narrow:
+            param.data = data.float()
 
     def restore(module, args, output):
-        for name, data in module.__dict__.pop("_narrow_weights", {}).items():
-            getattr(module, name).data = data
+        for param, data in module.__dict__.pop("_narrow_weights", []):
+            param.data = data
 
-    for module in model.modules():
-        if any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters(recurse=False)):
-            handles += [module.register_forward_pre_hook(widen), module.register_forward_hook(restore)]
+    choose(model)
+    own_only = {m for m in blocks if narrow_bytes(m, True) > limit}
+    handles = []
+    for block in blocks:
+        handles += [block.register_forward_pre_hook(widen), block.register_forward_hook(restore)]
     encode = model.__dict__.get("encode_images")
 
     def encode_images(pixel_values):  # the model's own casts pixels to its (narrow) dtype

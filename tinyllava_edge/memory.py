@@ -11,6 +11,8 @@ Standard library only: the edge runtime and the command lines' --help use it.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import re
 import resource
 import sys
@@ -48,6 +50,25 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the system (glibc's malloc_trim),
+    so that a stage starts from what is really held and its peak is its own: glibc keeps freed
+    blocks of a stage that allocated gigabytes (torch.onnx, onnxruntime) mapped otherwise."""
+    gc.collect()
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (musl and other libcs have none)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _status_field(key: str) -> int | None:

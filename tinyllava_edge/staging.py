@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME, is_bundle, sha256_file
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.memory import peak_rss_bytes, reset_peak_rss
+from tinyllava_edge.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss
 
 
 class Steps:
@@ -42,6 +42,7 @@ class Steps:
         self.done()
         self.k += 1
         self.what = what
+        release_freed_memory()
         reset_peak_rss()  # each stage's own peak (Linux); elsewhere the process's so far
         self.t0 = time.perf_counter()
         if self.enabled:
@@ -57,17 +58,23 @@ class Steps:
         self.t0 = None
 
 
+class DiskFull(TinyLlavaError):
+    """The disk filled up while an output was written (raised by `disk_full_is_one_sentence`)."""
+
+
 @contextmanager
 def disk_full_is_one_sentence(final: Path) -> Iterator[None]:
     """A write that runs out of space (ENOSPC, EDQUOT) becomes one sentence naming `final`; the
-    staged folder the block writes into is removed by its own context, so nothing is left at `final`."""
+    staged folder the block writes into is removed by its own context, so nothing is left at
+    `final`. Nested (a scratch bundle inside a quantized export), the outermost `final` is named."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, DiskFull) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise TinyLlavaError(f"the disk filled up while writing {final} ({exc.strerror}); nothing was written there: "
-                             "free some space or choose another output folder") from None
+        reason = exc.strerror if isinstance(exc, OSError) else "No space left on device"
+        raise DiskFull(f"the disk filled up while writing {final} ({reason}); nothing was written there: free some "
+                       "space or choose another output folder") from None
 
 
 def check_destination(final: Path, overwrite: bool, *, what: str, is_ours: Callable[[Path], bool],

@@ -37,7 +37,7 @@ from tinyllava_edge.model.configuration import TinyLlavaConfig
 from tinyllava_edge.model.gptq import attach_gptq_llm, gptq_llm_dir
 from tinyllava_edge.model.tf4_compat import (HEAD_PREFIX, add_4x_keys, dinov2_from_4x, dinov2_to_4x, drop_4x_keys,
                                              siglip_head_placeholder)
-from tinyllava_edge.model.weights import LazyWeights
+from tinyllava_edge.model.weights import LazyWeights, write_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -528,8 +528,6 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any = None, device: Any = No
 
 def save_checkpoint(model, save_directory: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the Factory layout: config.json + model.safetensors, each through a temporary name."""
-    from safetensors.torch import save_file
-
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     tied = _tied_names(model)
@@ -546,7 +544,7 @@ def save_checkpoint(model, save_directory: str | os.PathLike, state_dict: Mappin
     # transformers 4.x readers (the Factory) find their own spellings too: tf4_compat
     text = json.dumps(add_4x_keys(json.loads(config.to_json_string())), indent=2, sort_keys=True) + "\n"
     with atomic_file(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp, metadata={"format": "pt"})  # one tensor at a time: no second copy
     write_text(out / CONFIG_NAME, text)
     return out
 

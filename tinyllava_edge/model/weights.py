@@ -104,3 +104,32 @@ def _read_header(path: Path) -> dict[str, tuple[Path, int, int, torch.dtype, tup
             raise CheckpointError(f"{path} ends inside tensor {name}; the file is truncated")
         entries[name] = (path, start, end, dtype, shape)
     return entries
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` as a safetensors file at `path`, one tensor's bytes at a time.
+
+    safetensors' own `save_file` first turns every tensor into a bytes object, a second full
+    copy of the model in memory (6 GB more for a 3B bf16 checkpoint); here the header is computed
+    from shapes and dtypes, then each tensor's memory is written as it is (contiguous CPU tensors
+    are not copied). The layout is the format's: little-endian u64 header length, the JSON
+    header padded with spaces to 8 bytes, then the data in header order without gaps.
+    """
+    names = {dtype: key for key, dtype in _DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in names:
+            raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for tensor in tensors.values():
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            if flat.numel():
+                f.write(memoryview(flat.view(torch.uint8).numpy()))

@@ -196,6 +196,12 @@ class CheckpointParts:
 
         return load_checkpoint(self.source, parts=self.VISION)
 
+    def shapes(self):
+        """The model with every weight on the meta device: names, shapes, config; no memory."""
+        from tinyllava_edge.model.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.source, parts=())
+
     def reference(self):
         """The whole model in its stored dtype (run it under checks.computed_in_fp32)."""
         from tinyllava_edge.model.checkpoint import load_checkpoint
@@ -221,44 +227,23 @@ def _write_parts(parts: CheckpointParts, folder: Path, steps: Steps, precision: 
                  with_fp16: bool, mmproj: bool, verify: bool, progress: bool, check_images: int,
                  check_tokens: int) -> dict:
     from tinyllava_edge.data.template import default_template_for_family, get_template
-    from tinyllava_edge.export.onnx_vision import export_vision_onnx, preprocess_config
+    from tinyllava_edge.export.onnx_vision import preprocess_config
+    from tinyllava_edge.export.vision_stage import run_vision_stage
     from tinyllava_edge.model.vision import tower_for_config
 
     tokenizer = parts.tokenizer
-    steps.start("loading the vision tower + connector (float32; the LLM's weights stay on disk)")
-    model = parts.vision()
-    config = model.config
+    config = parts.checkpoint.config
     template = get_template(default_template_for_family(config.text_config.model_type))
-    files: list[dict] = []
-    skipped: list[dict] = []
     validation: dict[str, Any] = {"enabled": verify}
-
-    # The graphs and the mmproj all read the float32 tower; vision.onnx comes last and frees it
-    # before onnxruntime checks the graph, so one copy of the vision weights is in memory at a time.
-    mmproj_record = None
-    if gguf and mmproj:
-        steps.start(f"vision tower + connector -> mmproj-{precision.gguf_type}.gguf")
-        mmproj_record, reason = _write_mmproj(model, folder, precision)
-        if mmproj_record is None:
-            skipped.append({"role": "mmproj", "reason": reason})
-    elif gguf:
-        skipped.append({"role": "mmproj", "reason": "not asked for (mmproj=False)"})
-    half_records = []
-    if with_fp16:
-        steps.start("vision tower + connector -> vision-fp16.onnx")
-        with _quiet_onnx_exporter():
-            half = export_vision_onnx(model, folder / "vision-fp16.onnx", dtype="fp16", validate=verify,
-                                      progress=progress)
-        half_records = _onnx_records(half, "fp16")
-        if verify:
-            validation["vision_onnx_fp16"] = half["validation"]
-    steps.start("vision tower + connector -> vision.onnx (fp32)")
-    with _quiet_onnx_exporter():
-        vision = export_vision_onnx(model, folder / "vision.onnx", dtype="fp32", validate=verify, progress=progress,
-                                    release_weights=True)
-    files += _onnx_records(vision, "fp32") + half_records
-    if verify:
-        validation["vision_onnx"] = _check_onnx(vision["validation"])
+    # In a child process: what torch.onnx and onnxruntime keep after a graph of 1.7 GB is made
+    # (about that much again, held from C++) goes back to the system when it exits.
+    vision_out = run_vision_stage(parts.source, folder, steps, precision.gguf_type, precision.ftype, gguf=gguf,
+                                  mmproj=mmproj, with_fp16=with_fp16, verify=verify, progress=progress)
+    files: list[dict] = vision_out["files"]
+    skipped: list[dict] = vision_out["skipped"]
+    mmproj_record = vision_out["mmproj_record"]
+    validation.update(vision_out["validation"])
+    model = parts.shapes()  # every weight on the meta device: the LLM stages read names and shapes
 
     if gguf:
         from tinyllava_edge.export.gguf_llm import write_llm_gguf
@@ -328,6 +313,44 @@ def _quiet_onnx_exporter() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+
+
+def write_vision_parts(model, folder: Path, steps: Steps, gguf_type: str, ftype: str, *, gguf: bool, mmproj: bool,
+                       with_fp16: bool, verify: bool, progress: bool) -> dict:
+    """The parts made from the float32 tower + connector (`model`, the LLM on the meta device):
+    mmproj, vision-fp16.onnx, vision.onnx, in that order; vision.onnx comes last and frees the
+    weights before onnxruntime checks it, so one copy of the vision weights is in memory at a time.
+    Run by export/vision_stage.py in a child process."""
+    from tinyllava_edge.export.onnx_vision import export_vision_onnx
+
+    precision = Precision(0, gguf_type, ftype, 0.0, False)
+    skipped: list[dict] = []
+    validation: dict[str, Any] = {}
+    mmproj_record = None
+    if gguf and mmproj:
+        steps.start(f"vision tower + connector -> mmproj-{gguf_type}.gguf")
+        mmproj_record, reason = _write_mmproj(model, folder, precision)
+        if mmproj_record is None:
+            skipped.append({"role": "mmproj", "reason": reason})
+    elif gguf:
+        skipped.append({"role": "mmproj", "reason": "not asked for (mmproj=False)"})
+    half_records = []
+    if with_fp16:
+        steps.start("vision tower + connector -> vision-fp16.onnx")
+        with _quiet_onnx_exporter():
+            half = export_vision_onnx(model, folder / "vision-fp16.onnx", dtype="fp16", validate=verify,
+                                      progress=progress)
+        half_records = _onnx_records(half, "fp16")
+        if verify:
+            validation["vision_onnx_fp16"] = half["validation"]
+    steps.start("vision tower + connector -> vision.onnx (fp32)")
+    with _quiet_onnx_exporter():
+        vision = export_vision_onnx(model, folder / "vision.onnx", dtype="fp32", validate=verify, progress=progress,
+                                    release_weights=True)
+    if verify:
+        validation["vision_onnx"] = _check_onnx(vision["validation"])
+    return {"files": _onnx_records(vision, "fp32") + half_records, "skipped": skipped,
+            "mmproj_record": mmproj_record, "validation": validation}
 
 
 def _onnx_records(report: dict, quant: str) -> list[dict]:

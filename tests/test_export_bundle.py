@@ -261,12 +261,11 @@ def small_ckpt(root):
 
 
 def test_failure_mid_export_leaves_nothing(small_ckpt, tmp_path, monkeypatch):
-    from tinyllava_edge.export import mmproj
-
+    # the LLM GGUF is written by this process (the vision parts by a child: export/vision_stage.py)
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mmproj, "write_mmproj_gguf", broken)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", broken)
     out = tmp_path / "bundle"
     with pytest.raises(TinyLlavaError, match=r"the disk filled up while writing .* \(No space left on device\); "
                                              "nothing was written there"):

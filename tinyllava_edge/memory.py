@@ -2,9 +2,9 @@
 
 Peak resident set size is what decides whether a stage fits a device (a 16 GB laptop, a Jetson
 with 8 GB shared): pages of files that are memory-mapped and read count in it, as they do against
-the device's memory. On Linux the peak so far is VmHWM of /proc/self/status, and writing "5" to
-/proc/self/clear_refs lowers it to the current size, so each stage of an export gets its own peak
-(`reset_peak_rss`); elsewhere only the process's peak is known and every stage reports that.
+the device's memory. On Linux the peak so far is VmHWM of /proc/self/status; each stage of an
+export gets its own peak from it and from sampling (`StagePeak`); elsewhere only the process's
+peak is known and every stage reports that.
 
 Standard library only: the edge runtime and the command lines' --help use it.
 """
@@ -16,6 +16,7 @@ import gc
 import re
 import resource
 import sys
+import threading
 
 from tinyllava_edge.errors import TinyLlavaError
 
@@ -24,7 +25,7 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (since the last `reset_peak_rss`).
+    """This process's peak resident set size so far.
 
     Linux: VmHWM of /proc/self/status. getrusage's ru_maxrss survives execve, so a process started
     from a larger one (a benchmark driver, a test run, a notebook) would report its parent's peak.
@@ -42,14 +43,33 @@ def rss_bytes() -> int | None:
     return _status_field("VmRSS:")
 
 
-def reset_peak_rss() -> bool:
-    """Lower the recorded peak to the current resident size (Linux >= 4.0); False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+class StagePeak:
+    """The peak resident size of one stage of a process, without resetting the kernel's figure.
+
+    Lowering VmHWM (/proc/self/clear_refs) would also lower what getrusage and `/usr/bin/time -v`
+    report for the whole process, so it is left alone: when the process's peak (VmHWM) rose during
+    the stage, that new peak is the stage's, exactly; otherwise a thread sampling VmRSS every
+    `interval` seconds gives the stage's peak (a spike shorter than that may be missed; it was
+    below an earlier stage's peak anyway).
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.high, self.sampled = interval, peak_rss_bytes(), rss_bytes() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sampled = max(self.sampled, rss_bytes() or 0)
+
+    def peak(self) -> int:
+        """This stage's peak so far."""
+        now = peak_rss_bytes()
+        return now if now > self.high else max(self.sampled, rss_bytes() or 0)
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def release_freed_memory() -> None:

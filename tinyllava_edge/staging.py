@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME, is_bundle, sha256_file
 from tinyllava_edge.errors import TinyLlavaError
-from tinyllava_edge.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss
+from tinyllava_edge.memory import StagePeak, release_freed_memory
 
 
 class Steps:
@@ -37,13 +37,14 @@ class Steps:
         self.total, self.enabled, self.k, self.t0 = total, enabled, 0, None
         self.what = ""
         self.records: list[dict] = []
+        self.peak: StagePeak | None = None
 
     def start(self, what: str) -> None:
         self.done()
         self.k += 1
         self.what = what
         release_freed_memory()
-        reset_peak_rss()  # each stage's own peak (Linux); elsewhere the process's so far
+        self.peak = StagePeak()  # each stage's own peak (Linux); elsewhere the process's so far
         self.t0 = time.perf_counter()
         if self.enabled:
             print(f"[{self.k}/{self.total}] {what} ...", file=sys.stderr, flush=True)
@@ -51,7 +52,8 @@ class Steps:
     def done(self) -> None:
         if self.t0 is None:
             return
-        seconds, peak = time.perf_counter() - self.t0, peak_rss_bytes()
+        seconds, peak = time.perf_counter() - self.t0, self.peak.peak()
+        self.peak.close()
         self.records.append({"stage": self.what, "seconds": round(seconds, 2), "peak_rss_bytes": peak})
         if self.enabled:
             print(f"      done in {seconds:.1f} s, peak RSS {peak / 2**30:.2f} GiB", file=sys.stderr, flush=True)

@@ -8,8 +8,10 @@ Schemes (registry `ONNX_SCHEMES`, exact keys), each onnxruntime's own quantizer:
 
 * ``int8``: `quantize_dynamic` (weights int8 per tensor, activations quantized at run time:
   MatMulInteger + DynamicQuantizeLinear);
-* ``int4``: `matmul_nbits_quantizer.MatMulNBitsQuantizer` with RTN (round to nearest, blocks of
-  32 along K, symmetric): MatMul weights become MatMulNBits;
+* ``int4``: RTN (round to nearest, blocks of 32 along K, symmetric) by onnxruntime's own kernel,
+  the numbers of its MatMulNBitsQuantizer's default algorithm, one weight at a time
+  (quant/onnx_int4.py; the quantizer itself holds the whole graph): MatMul weights become
+  MatMulNBits;
 * ``int4-gptq``: the same quantizer with its GPTQ algorithm config (onnxruntime vendors the
   neural-compressor GPTQ code, CPU only), calibrated on real images.
 
@@ -56,13 +58,15 @@ def _int8(src: Path, dst: Path, calibration) -> None:
 
 def _nbits(algo: str) -> Callable[..., None]:
     def run(src: Path, dst: Path, calibration) -> None:
+        if algo == "RTN":  # one weight at a time (quant/onnx_int4.py): the numbers onnxruntime's RTN writes
+            from tinyllava_edge.quant.onnx_int4 import quantize_int4_streaming
+
+            quantize_int4_streaming(src, dst, INT4_BLOCK_SIZE)
+            return
         import onnx
         from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
-        if algo == "RTN":
-            config = mq.RTNWeightOnlyQuantConfig()
-        else:
-            config = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(calibration),
+        config = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(calibration),
                                                   block_size=128, percdamp=0.01, actorder=False, mse=False,
                                                   perchannel=True)
         model = onnx.load(str(src))
@@ -163,6 +167,8 @@ def session(path: str | os.PathLike, n_threads: int = 1):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = n_threads
+    # the checks run a graph a few times: no pre-packed second copy of every matrix
+    options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

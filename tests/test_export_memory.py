@@ -231,3 +231,41 @@ def test_parse_size(text, want):
 def test_parse_size_refuses_nonsense():
     with pytest.raises(TinyLlavaError, match="is not understood"):
         parse_size("8 parsecs")
+
+
+def test_int4_one_weight_at_a_time_equals_onnxruntimes_quantizer(ckpt, tmp_path, monkeypatch):
+    """quant/onnx_int4.py against onnxruntime's MatMulNBitsQuantizer with its default algorithm
+    (the same kernel, symmetric, the same block size): the same graph outputs, from a graph whose
+    weights are in vision.onnx.data."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    from tinyllava_edge.export import onnx_vision
+    from tinyllava_edge.quant.onnx import INT4_BLOCK_SIZE
+    from tinyllava_edge.quant.onnx_int4 import quantize_int4_streaming
+
+    monkeypatch.setattr(onnx_vision, "_EXTERNAL_DATA_ABOVE", 0)
+    model = load_checkpoint(ckpt, parts=CheckpointParts.VISION)
+    graph = tmp_path / "vision.onnx"
+    onnx_vision.export_vision_onnx(model, graph, validate=False)
+    assert (tmp_path / "vision.onnx.data").is_file()
+    ours = tmp_path / "ours.onnx"
+    assert quantize_int4_streaming(graph, ours, INT4_BLOCK_SIZE) > 0
+    config = mq.DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK_SIZE, is_symmetric=True)
+    reference = mq.MatMulNBitsQuantizer(onnx.load(str(graph)), block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+                                        algo_config=config)
+    reference.process()
+    theirs = tmp_path / "theirs.onnx"
+    reference.model.save_model_to_file(str(theirs), use_external_data_format=False)
+    pixels = np.random.default_rng(0).random((2, 3, *(model.config.vision_config.image_size,) * 2), np.float32)
+
+    def run(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            ["image_embeds"], {"pixel_values": pixels})[0]
+
+    got, want, fp32 = run(ours), run(theirs), run(graph)
+    assert np.allclose(got, want, atol=1e-6, rtol=0), np.abs(got - want).max()
+    assert np.abs(got - fp32).max() > 1e-4  # it did quantize
+    ops = {n.op_type for n in onnx.load(str(ours)).graph.node}
+    assert "MatMulNBits" in ops

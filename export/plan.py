@@ -37,7 +37,8 @@ def export_plan(checkpoint_dir: str | os.PathLike, *, bits: int, verify: bool, m
 
     ckpt = read_checkpoint(checkpoint_dir)
     state = ckpt.state_dict
-    numel = {name: _numel(state.shape(name)) for name in state}
+    shape_of = getattr(state, "shape", lambda k: tuple(state[k].shape))  # a renamed DINOv2 tower is a dict
+    numel = {name: _numel(shape_of(name)) for name in state}
     vision = sum(n for k, n in numel.items() if k.startswith(("vision_tower.", "connector.")))
     llm = sum(n for k, n in numel.items() if k.startswith("language_model."))
     text = ckpt.config.text_config
@@ -49,7 +50,7 @@ def export_plan(checkpoint_dir: str | os.PathLike, *, bits: int, verify: bool, m
     llm_file = llm_file * width // 2
     vision32 = 4 * vision
     largest = max(numel.values()) * 4
-    stored = state.nbytes()
+    stored = state.nbytes() if hasattr(state, "nbytes") else sum(v.numel() * v.element_size() for v in state.values())
     n_tokens = _image_tokens(ckpt.config)
     kv = 2 * text.num_hidden_layers * _kv_width(text) * 4 * (n_tokens + KV_F32_CHECK_TOKENS)
     stages = {

@@ -49,7 +49,7 @@ class LazyWeights(Mapping):
             while done < len(buffer):
                 got = os.preadv(fd, [view[done:]], start + done)
                 if got == 0:
-                    raise CheckpointError(f"{path} ends inside tensor {name}; the file is truncated")
+                    raise CheckpointError(f"{path} is not a readable safetensors file (it ends inside tensor {name}: truncated)")
                 done += got
         finally:
             os.close(fd)
@@ -101,7 +101,7 @@ def _read_header(path: Path) -> dict[str, tuple[Path, int, int, torch.dtype, tup
             raise CheckpointError(f"{path}: tensor {name!r} has a header entry this reader does not know "
                                   f"({info!r})") from None
         if end > size or end < start:
-            raise CheckpointError(f"{path} ends inside tensor {name}; the file is truncated")
+            raise CheckpointError(f"{path} is not a readable safetensors file (it ends inside tensor {name}: truncated)")
         entries[name] = (path, start, end, dtype, shape)
     return entries
 

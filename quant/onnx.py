@@ -39,6 +39,7 @@ from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.registry import Registry
 
 INT4_BLOCK_SIZE = 32  # values per scale along K; onnxruntime's default and llama.cpp's Q4_0 block
+COMPARE_BATCH = 2  # images per onnxruntime run in compare_onnx
 GPTQ_MIN_CALIBRATION = 8  # images; fewer gives a Hessian too poor to beat RTN
 
 
@@ -177,9 +178,16 @@ def compare_onnx(reference: str | os.PathLike, candidate: str | os.PathLike, pix
     value), per-token cosine min/mean."""
     from tinyllava_edge.export.onnx_vision import token_cosine
 
-    feed = {"pixel_values": np.ascontiguousarray(pixels, np.float32)}
-    (want,) = session(reference).run(["image_embeds"], feed)
-    (got,) = session(candidate).run(["image_embeds"], feed)
+    pixels = np.ascontiguousarray(pixels, np.float32)
+    # one graph at a time, COMPARE_BATCH images at a time: 16 images of 384 px in one batch held
+    # 3.7 GiB of activations at SigLIP-so400m's size (bench-scale, docs/bench.md "Memory")
+    outputs = []
+    for path in (reference, candidate):
+        graph = session(path)
+        outputs.append(np.concatenate([graph.run(["image_embeds"], {"pixel_values": pixels[i:i + COMPARE_BATCH]})[0]
+                                       for i in range(0, len(pixels), COMPARE_BATCH)]))
+        del graph
+    want, got = outputs
     diff = float(np.abs(got.astype(np.float64) - want).max())
     cosine = token_cosine(got, want)
     return {"images": int(len(pixels)), "max_abs_diff": diff, "max_rel_diff": diff / (float(np.abs(want).max()) or 1.0),

@@ -17,7 +17,8 @@ Tolerances are stated as data next to the bit width that applies them (`bundle.P
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -177,17 +178,15 @@ def _text_after_special(text: str, specials: Sequence[str]) -> bool:
 
 # -- input-embedding scale --------------------------------------------------------------------------
 
-def probe_embd_scale(llm: LlamaCppModel, model, ids: Sequence[int]) -> dict:
+def probe_embd_scale(llm: LlamaCppModel, rows: np.ndarray, ids: Sequence[int]) -> dict:
     """The factor injected rows need so llama.cpp treats them as transformers does.
 
-    Decodes the same text once as token ids and once as transformers' input embeddings of those
-    ids times each candidate factor; the factor whose logits match the token path is the one.
+    `rows` are transformers' input embeddings of `ids` (the embedding matrix's rows: only that
+    tensor is needed, not the model). Decodes the same text once as token ids and once as those
+    rows times each candidate factor; the factor whose logits match the token path is the one.
     """
-    import torch
-
     ids = [int(i) for i in ids]
-    with torch.no_grad():
-        rows = model.get_input_embeddings()(torch.tensor(ids)).float().numpy()
+    rows = np.asarray(rows, dtype=np.float32)
     reference = llm.prefill([ids])
     scale = max(1.0, float(np.abs(reference).max()))
     gaps = {}
@@ -205,47 +204,134 @@ def probe_embd_scale(llm: LlamaCppModel, model, ids: Sequence[int]) -> dict:
             "gaps": {k: v[1] for k, v in gaps.items()}}
 
 
+# -- PyTorch in float32 over narrower stored weights ------------------------------------------------
+
+@contextmanager
+def computed_in_fp32(model) -> Iterator[None]:
+    """Run `model` (weights stored in bf16/fp16) in float32, one block's weights widened at a time.
+
+    Each block (a decoder or encoder layer, the patch embedding, the connector, the embedding
+    matrix, the output layer: the largest subtrees no bigger than the largest single module) gets
+    its weights widened just before its forward and narrowed back right after (exact: a bf16 value
+    is a float32 value). Whole blocks, not single matrices, because modules cast their inputs to
+    their children's dtype (SigLIP's patch embedding does), which must then read float32. A 3B
+    reference costs its stored bytes plus the largest block in float32, and computes what a
+    float32 copy of the same weights computes; image pixels go in as float32 too. What the checks
+    measure is then the file's rounding against float32 arithmetic, with the float32 tolerances.
+    """
+    import torch
+
+    def narrow_bytes(module, recurse: bool) -> int:
+        return sum(4 * p.numel() for p in module.parameters(recurse=recurse)
+                   if p.is_floating_point() and p.dtype != torch.float32)
+
+    limit = max((narrow_bytes(m, False) for m in model.modules()), default=0)
+    blocks = []
+
+    def choose(module) -> None:
+        total = narrow_bytes(module, True)
+        if total == 0:
+            return
+        if total <= limit:
+            blocks.append(module)
+            return
+        if narrow_bytes(module, False):
+            blocks.append(module)  # its own matrices are the largest; children get their own blocks
+        for child in module.children():
+            choose(child)
+
+    def widen(module, args):
+        recurse = module not in own_only
+        narrow = [(p, p.data) for p in module.parameters(recurse=recurse)
+                  if p.is_floating_point() and p.dtype != torch.float32]
+        module._narrow_weights = narrow
+        for param, data in narrow:
+            param.data = data.float()
+
+    def restore(module, args, output):
+        for param, data in module.__dict__.pop("_narrow_weights", []):
+            param.data = data
+
+    choose(model)
+    own_only = {m for m in blocks if narrow_bytes(m, True) > limit}
+    handles = []
+    for block in blocks:
+        handles += [block.register_forward_pre_hook(widen), block.register_forward_hook(restore)]
+    encode = model.__dict__.get("encode_images")
+
+    def encode_images(pixel_values):  # the model's own casts pixels to its (narrow) dtype
+        config = model.config
+        features = model.vision_tower(pixel_values.to(torch.float32), layer=config.vision_feature_layer,
+                                      strategy=config.vision_feature_select_strategy)
+        return model.connector(features)
+
+    model.encode_images = encode_images
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if encode is None:
+            del model.encode_images
+        else:
+            model.encode_images = encode
+
+
 # -- LLM with images --------------------------------------------------------------------------------
 
-def compare_with_images(model, tokenizer, template, llm: LlamaCppModel, encode_image, images: Sequence[np.ndarray],
-                        *, new_tokens: int, embd_scale: float, logits_tol: float) -> dict:
-    """Greedy decoding and prompt logits, torch vs llama.cpp, one image prompt per image.
-
-    `encode_image(pixel_values (1, 3, H, W) float32) -> (N, n_embd)` is the bundle's vision
-    graph. Both sides stop at the tokenizer's eos (or run `new_tokens`). A greedy disagreement is
-    a `tie` when, at the first differing step, torch's own logits for the two tokens are closer
-    than `logits_tol` (relative): a rounding difference may pick either.
-    """
+def torch_references(model, tokenizer, template, images: Sequence[np.ndarray], *, new_tokens: int) -> list[dict]:
+    """PyTorch's side of `compare_with_images`, run first and on its own so that the model can be
+    freed before llama.cpp maps the GGUF (the two never share memory): per image prompt its
+    messages, transformers' ids, the preprocessed pixels, greedy tokens and per-step logits."""
     import torch
 
     from tinyllava_edge.data.preprocess import preprocess
     from tinyllava_edge.export.onnx_vision import preprocess_config
 
     pre = preprocess_config(model)
-    adapter = LlamaCppTokenizer(llm, tokenizer)
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
-    prompts = []
+    references = []
     for i, image in enumerate(images):
         messages = image_prompt(i)
         hf_ids = template.encode(messages, tokenizer, mode="eval")["input_ids"]
-        edge_ids = template.encode(messages, adapter, mode="eval")["input_ids"]
         pixels = preprocess(image, pre)
         with torch.no_grad():
             out = model.generate(torch.tensor([hf_ids]), images=torch.from_numpy(pixels), max_new_tokens=new_tokens,
                                  do_sample=False, eos_token_id=stop or None, pad_token_id=pad, output_logits=True,
                                  return_dict_in_generate=True)
-        torch_tokens = out.sequences[0].tolist()
-        torch_logits = [step[0].float().numpy() for step in out.logits]
-        rows = np.asarray(encode_image(pixels), dtype=np.float32) * embd_scale
-        edge_tokens, edge_logits = llm.generate(split_segments(edge_ids, [rows]), new_tokens, stop_ids=stop,
+        references.append({"messages": messages, "hf_ids": hf_ids, "pixels": pixels,
+                           "image_shape": list(np.asarray(image).shape), "stop": stop,
+                           "torch_tokens": out.sequences[0].tolist(),
+                           "torch_logits": [step[0].float().numpy() for step in out.logits]})
+    return references
+
+
+def compare_with_images(references: Sequence[dict], tokenizer, template, llm: LlamaCppModel,
+                        image_rows: Sequence[np.ndarray], *, new_tokens: int, embd_scale: float,
+                        logits_tol: float) -> dict:
+    """Greedy decoding and prompt logits, torch (`torch_references`) vs llama.cpp, per image prompt.
+
+    `image_rows[i]` (N, n_embd) is the bundle's vision graph run on `references[i]["pixels"]`
+    (computed beforehand, so the graph is not in memory beside the GGUF). Both sides stop at the tokenizer's eos (or run `new_tokens`). A greedy disagreement is
+    a `tie` when, at the first differing step, torch's own logits for the two tokens are closer
+    than `logits_tol` (relative): a rounding difference may pick either.
+    """
+    adapter = LlamaCppTokenizer(llm, tokenizer)
+    prompts = []
+    for ref, image in zip(references, image_rows, strict=True):
+        messages, hf_ids, torch_tokens, torch_logits = (ref["messages"], ref["hf_ids"], ref["torch_tokens"],
+                                                        ref["torch_logits"])
+        edge_ids = template.encode(messages, adapter, mode="eval")["input_ids"]
+        rows = np.asarray(image, dtype=np.float32) * embd_scale
+        edge_tokens, edge_logits = llm.generate(split_segments(edge_ids, [rows]), new_tokens, stop_ids=ref["stop"],
                                                 return_logits=True)
         reference = torch_logits[0]
         scale = max(1.0, float(np.abs(reference).max()))
         diff = float(np.abs(edge_logits - reference).max())
         record = {
             "question": messages[0]["value"].split("\n", 1)[1],
-            "image_shape": list(np.asarray(image).shape),
+            "image_shape": ref["image_shape"],
             "prompt_ids_equal": edge_ids == hf_ids,
             "logits_max_abs_diff": diff,
             "logits_rel_diff": diff / scale,
@@ -279,13 +365,18 @@ def compare_with_images(model, tokenizer, template, llm: LlamaCppModel, encode_i
 
 # -- mmproj -----------------------------------------------------------------------------------------
 
-def mmproj_figures(mmproj_path: Path, llm_path: Path, model, seed: int = 0) -> dict:
-    """`measure_mmproj` on a square image at the tower's size (both preprocessings are then the identity)."""
+def mmproj_image(model, seed: int = 0) -> np.ndarray:
+    """A square noise image at the tower's size (both preprocessings are then the identity)."""
+    size = model.config.vision_config.image_size
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def mmproj_figures(mmproj_path: Path, llm_path: Path, model, seed: int = 0,
+                   torch_embeds: np.ndarray | None = None) -> dict:
+    """`measure_mmproj` on `mmproj_image(model, seed)`; `torch_embeds`, PyTorch's rows for that
+    image computed beforehand, spare holding the model while llama.cpp loads the text GGUF."""
     from tinyllava_edge.export.validate import measure_mmproj
 
-    size = model.config.vision_config.image_size
-    image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    m = measure_mmproj(mmproj_path, llm_path, model, image)
+    m = measure_mmproj(mmproj_path, llm_path, model, mmproj_image(model, seed), torch_embeds=torch_embeds)
     keep = ("n_tokens_stock", "n_tokens_torch", "aligned", "min_cosine", "mean_cosine", "max_abs_diff", "max_rel_diff")
     return {k: m[k] for k in keep}
-

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -55,13 +55,17 @@ class _PlannedTensor:
 
 
 def write_llm_gguf(model: Any, tokenizer: Any, out_path: str | os.PathLike, *, ftype: str = "f16",
-                   template: str | None = None, progress: bool = False) -> dict:
+                   template: str | None = None, progress: bool = False,
+                   weights: Mapping[str, Any] | None = None) -> dict:
     """Write `model.language_model` with `tokenizer` to a GGUF file at `out_path`.
 
     `model` is a `TinyLlavaForConditionalGeneration`, `tokenizer` its HF tokenizer
     (`load_tokenizer(checkpoint)`), `ftype` "f32" or "f16", `template` a chat template name
-    (default: the one the checkpoint's LLM family is trained with). Returns a report of what was
-    written.
+    (default: the one the checkpoint's LLM family is trained with). `weights` (names relative to
+    the language model, e.g. a checkpoint's lazy mapping) supplies the tensors instead of the
+    model's parameters, which may then be on the meta device: each tensor is read, converted and
+    written before the next is read, so the file is streamed from the checkpoint in its stored
+    dtype and never more than one tensor is held. Returns a report of what was written.
     """
     if ftype not in FTYPES:
         raise TinyLlavaError(f"GGUF LLM type {ftype!r} is not supported; expected one of {', '.join(FTYPES)}")
@@ -72,7 +76,7 @@ def write_llm_gguf(model: Any, tokenizer: Any, out_path: str | os.PathLike, *, f
     hp = hyperparameters(spec, text_config)
     template_name = template or default_template_for_family(family)
     chat_template = jinja_chat_template(get_template(template_name))
-    tensors = _plan_tensors(spec, model.language_model, hp, matrix_dtype)
+    tensors = _plan_tensors(spec, model.language_model, hp, matrix_dtype, weights)
     n_vocab = model.language_model.get_input_embeddings().weight.shape[0]
     vocab = read_vocab(tokenizer, n_vocab, family)
 
@@ -116,16 +120,19 @@ def write_llm_gguf(model: Any, tokenizer: Any, out_path: str | os.PathLike, *, f
     }
 
 
-def _plan_tensors(spec: ArchSpec, lm: Any, hp: Hyper, matrix_dtype: type) -> list[_PlannedTensor]:
+def _plan_tensors(spec: ArchSpec, lm: Any, hp: Hyper, matrix_dtype: type,
+                  weights: Mapping[str, Any] | None) -> list[_PlannedTensor]:
     import torch
 
     state = dict(lm.state_dict())
+    source = {name: name for name in state}  # GGUF-bound name -> where its data is read
     out_layer, in_layer = lm.get_output_embeddings(), lm.get_input_embeddings()
     tied = out_layer is not None and out_layer.weight is in_layer.weight
     if tied:
         del state["lm_head.weight"]
         if spec.output == "required":  # the graph always reads `output`: write the shared matrix
             state["lm_head.weight"] = in_layer.weight
+            source["lm_head.weight"] = next(n for n, p in lm.named_parameters() if p is in_layer.weight)
     elif spec.output == "tied":
         raise TinyLlavaError(
             f"this {spec.model_type} model has an lm_head apart from its embeddings; llama.cpp's "
@@ -137,8 +144,9 @@ def _plan_tensors(spec: ArchSpec, lm: Any, hp: Hyper, matrix_dtype: type) -> lis
         raise TinyLlavaError(f"GGUF export needs floating-point weights; {', '.join(not_float)} are not "
                              "(export the model before quantizing it)")
 
-    def loader(value: torch.Tensor, kind: gguf.MODEL_TENSOR, dtype: type) -> Callable[[], np.ndarray]:
+    def loader(hf_name: str, kind: gguf.MODEL_TENSOR, dtype: type) -> Callable[[], np.ndarray]:
         def load() -> np.ndarray:
+            value = weights[source[hf_name]] if weights is not None else state[hf_name]
             array = value.detach().to("cpu", torch.float32).numpy()
             return np.ascontiguousarray(transform(spec, kind, array, hp), dtype=dtype)
         return load
@@ -147,7 +155,7 @@ def _plan_tensors(spec: ArchSpec, lm: Any, hp: Hyper, matrix_dtype: type) -> lis
     for hf_name, value in state.items():
         gguf_name, kind = names[hf_name]
         dtype = matrix_dtype if value.dim() > 1 else np.float32
-        planned.append(_PlannedTensor(gguf_name, tuple(value.shape), dtype, loader(value, kind, dtype)))
+        planned.append(_PlannedTensor(gguf_name, tuple(value.shape), dtype, loader(hf_name, kind, dtype)))
     return planned
 
 

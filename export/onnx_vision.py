@@ -16,6 +16,7 @@ place, so a failed export or validation leaves nothing behind.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from tinyllava_edge.errors import TinyLlavaError
 
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType({"fp32": torch.float32, "fp16": torch.float16})
 # A protobuf cannot exceed 2 GiB (onnx's own limit); stay clear of it and put weights beside it.
-_EXTERNAL_DATA_ABOVE = 1_800_000_000
+_EXTERNAL_DATA_ABOVE = 64 * 2**20
 # Validation bounds. fp32: the dynamo export matches torch to ~2e-7 (docs/architecture.md), so a relative
 # 1e-3 only trips on a real mismatch. fp16: rounding grows with depth; every token keeping a
 # cosine of 0.995 with the fp32 reference is what "still the same features" means here.
@@ -106,6 +107,7 @@ def export_vision_onnx(
     opset: int | None = None,
     validate: bool = True,
     progress: bool = False,
+    release_weights: bool = False,
 ) -> dict:
     """Write `model`'s vision tower + connector as an ONNX file; returns what was written and measured.
 
@@ -113,6 +115,9 @@ def export_vision_onnx(
     float32 either way. `opset` None takes torch's default. With `validate`, onnxruntime runs a
     batch of random preprocessed images and the result is compared with `model.encode_images`;
     the export fails (and writes nothing) when it disagrees beyond the stated tolerance.
+    `release_weights`: once the graph is saved and PyTorch's side of the check computed, the
+    tower and connector move to the meta device, so onnxruntime's copy of the weights is the only
+    one in memory while it runs (the caller is done with them: export_bundle makes this graph last).
     """
     if dtype not in DTYPES:
         raise TinyLlavaError(f"ONNX vision dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
@@ -151,11 +156,16 @@ def export_vision_onnx(
         with staged_folder(final) as tmp_dir:
             staged = tmp_dir / final.name
             program.save(staged, external_data=external)
+            del program  # it references every weight; nothing below needs it
+            gc.collect()
             steps.update()
             # A path (not a proto) lets the checker follow external data past 2 GiB.
             onnx.checker.check_model(str(staged), full_check=True)
             steps.update()
-            validation = _validate(model, staged, dtype) if validate else None
+            release = _releaser(model, encoder) if release_weights else None
+            validation = _validate(model, staged, dtype, release) if validate else None
+            if release is not None and not validate:
+                release()
             if validate:
                 steps.update()
             # Weights first, the graph last: the graph never points at missing data.
@@ -207,17 +217,31 @@ def _output_shape(model, validated: list[int] | None) -> tuple[int, int]:
     return int(out.shape[1]), int(out.shape[2])
 
 
-def _validate(model, path: Path, dtype: str) -> dict:
-    """onnxruntime on a random batch vs `model.encode_images`; raises past the tolerance."""
+def _releaser(model, encoder: _ImageEncoder) -> Callable[[], None]:
+    def release() -> None:
+        for module in (model.vision_tower, model.connector, encoder):
+            module.to("meta")
+        gc.collect()
+    return release
+
+
+def _validate(model, path: Path, dtype: str, release: Callable[[], None] | None = None) -> dict:
+    """onnxruntime on a random batch vs `model.encode_images`; raises past the tolerance. PyTorch
+    runs first; `release` (if given) then frees its weights before onnxruntime loads the graph."""
     import onnxruntime as ort
 
     (pixels,) = VISION_SPEC.dummy_inputs(model, _VALIDATION_BATCH, 1)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    (got,) = session.run(list(VISION_SPEC.outputs), {VISION_SPEC.inputs[0]: pixels})
     with torch.no_grad():
         want = model.encode_images(torch.from_numpy(pixels)).float().cpu().numpy()
+    if release is not None:
+        release()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # no pre-packed second copy of every matrix: the check runs the graph once
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (got,) = session.run(list(VISION_SPEC.outputs), {VISION_SPEC.inputs[0]: pixels})
+    del session
     if got.shape != want.shape:
         raise TinyLlavaError(f"the ONNX vision graph returns shape {got.shape}; PyTorch gives {want.shape}")
     diff = np.abs(got.astype(np.float64) - want)

@@ -123,20 +123,24 @@ def stock_image_embeddings(mmproj_path: str | os.PathLike, text_gguf_path: str |
 
 
 def measure_mmproj(mmproj_path: str | os.PathLike, text_gguf_path: str | os.PathLike, model,
-                   image: ImageInput) -> dict:
+                   image: ImageInput, torch_embeds: np.ndarray | None = None) -> dict:
     """Stock mtmd vs `model.encode_images` on one image: token counts, per-token cosine, max diff.
 
     Returns `n_tokens_stock`, `n_tokens_torch`, `aligned` (which rows were compared),
     `token_cosine` (per compared row), `min_cosine`, `mean_cosine`, `max_abs_diff`,
     `max_rel_diff` (relative to the largest torch value) and both embeddings (`stock_embeds`,
-    `torch_embeds`, float32 arrays) for further checks.
+    `torch_embeds`, float32 arrays) for further checks. `torch_embeds` given: `model.encode_images`
+    of `image` computed beforehand (then only `model.config` is read).
     """
     stock = stock_image_embeddings(mmproj_path, text_gguf_path, image)
     config = model.config
     pre = PreprocessConfig.for_tower(config.vision_config.model_type, config.vision_config.image_size,
                                      config.image_aspect_ratio)
-    with torch.no_grad():
-        reference = model.encode_images(torch.from_numpy(preprocess(image, pre)))[0].float().cpu().numpy()
+    if torch_embeds is not None:
+        reference = np.asarray(torch_embeds, dtype=np.float32)
+    else:
+        with torch.no_grad():
+            reference = model.encode_images(torch.from_numpy(preprocess(image, pre)))[0].float().cpu().numpy()
     if stock.shape[1] != reference.shape[1]:
         raise TinyLlavaError(
             f"the mmproj gives {stock.shape[1]}-wide embeddings and the model {reference.shape[1]}-wide; "

@@ -37,7 +37,7 @@ from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.quant.gguf import gguf_type, quantize_gguf
 from tinyllava_edge.quant.onnx import ONNX_SCHEMES
 from tinyllava_edge.quant.precisions import preset_for
-from tinyllava_edge.staging import Steps, check_bundle_destination
+from tinyllava_edge.staging import Steps, check_bundle_destination, disk_full_is_one_sentence
 
 DEFAULT_QUANT = "Q4_K_M"
 CHECK_PROMPTS = 4  # synthetic image prompts the fidelity check decodes
@@ -83,7 +83,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     redo_mmproj = mmproj is not None and bool(mm) and mm[0]["quant"] in ("F16", "F32")
     steps = Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
     started = time.perf_counter()
-    with staged_folder(final) as staging:
+    with disk_full_is_one_sentence(final), staged_folder(final) as staging:
         steps.start(f"copying {source.name}")
         replaced = {llm["name"]} | ({mm[0]["name"]} if redo_mmproj else set())
         files = []
@@ -141,12 +141,17 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                     f"check 'quantized LLM vs {llm['name']}' failed: prompt logits differ by "
                     f"{fidelity['logits_rel_diff']:.3g} of the largest logit; expected <= {logits_tol:g}")
         steps.start(f"writing {MANIFEST_NAME}")
+        steps.done()
+        # a scratch source (export_quantized) was made by this same run: its stages are this bundle's too
+        made_before = [] if keep_source_path else [{**r, "stage": f"export: {r['stage']}"}
+                                                   for r in manifest.get("stages", [])]
         new_manifest.update({
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "bits": int(gguf_type(quant).bits),  # nominal: Q8_0 -> 8, Q6_K -> 6, Q4_K_M -> 4
             "files": files,
             "quantization": {"source_bundle": str(source.resolve()) if keep_source_path else None,
                              "source_created": manifest.get("created"), **record_of},
+            "stages": made_before + steps.records,  # wall time and peak resident memory per stage
         })
         write_manifest(staging, new_manifest)
         read_manifest(staging)  # the new bundle is whole and self-consistent
@@ -174,12 +179,13 @@ def quantize_to_bits(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
 def export_quantized(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, bits: int, *,
                      fmt: str = "gguf", verify: bool = True, overwrite: bool = False, progress: bool = True,
-                     **export_options) -> dict:
+                     max_memory: int | None = None, **export_options) -> dict:
     """A checkpoint -> its `bits`-bit bundle at `out_dir`: `export_bundle` writes the 16-bit bundle
     (checked against PyTorch with `verify`) into a scratch folder beside `out_dir`, and
     `quantize_to_bits` turns it into the destination (checked against that 16-bit bundle with
-    `verify`); the scratch folder is removed either way. `export_options` are export_bundle's
-    (mmproj, onnx_fp16, check_images, check_tokens). Returns quantize_bundle's result plus
+    `verify`); the scratch folder is removed either way. `max_memory` (bytes): refuse up front when
+    the whole run's estimated peak is larger (export/plan.py); disk likewise. `export_options` are
+    export_bundle's (mmproj, onnx_fp16, check_images, check_tokens). Returns quantize_bundle's result plus
     `export`, the 16-bit export's {path, manifest, seconds}.
     """
     from tinyllava_edge.export.bundle import export_bundle
@@ -191,10 +197,16 @@ def export_quantized(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
                              "export the ONNX bundle with --bits 32 or 16")
     final = Path(out_dir)
     check_bundle_destination(final, overwrite)  # before the long export
+    from tinyllava_edge.export.bundle import check_source
+    from tinyllava_edge.export.plan import check_plan, export_plan
+
+    check_source(Path(checkpoint_dir), True)
+    plan = export_plan(checkpoint_dir, bits=bits, verify=verify, mmproj=export_options.get("mmproj", True))
+    check_plan(plan, max_memory=max_memory, out_dir=final)
     # a scratch folder beside the destination, never moved into place: removed when the block ends
-    with staged_folder(final) as scratch:
+    with disk_full_is_one_sentence(final), staged_folder(final) as scratch:
         exported = export_bundle(checkpoint_dir, scratch / "bundle", fmt=fmt, bits=16, verify=verify,
-                                 progress=progress, **export_options)
+                                 progress=progress, plan=plan, **export_options)
         if progress:  # the export's steps came first; the quantization's are numbered anew
             print(f"the 16-bit bundle -> {bits} bits:", file=sys.stderr, flush=True)
         result = quantize_to_bits(exported["path"], final, bits, verify=verify, overwrite=overwrite,

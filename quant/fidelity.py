@@ -51,6 +51,7 @@ def compare_llm_files(manifest: dict, bundle_dir: Path, ref_path: Path, cand_pat
     template = Template.from_dict(manifest["template"])
     pixels = preprocess(synthetic_images(n_prompts, seed=3), PreprocessConfig.from_dict(manifest["preprocess"]))
     rows = session.run(["image_embeds"], {"pixel_values": pixels})[0] * np.float32(scale)
+    del session  # not in memory beside the GGUF files, which are mapped one after the other
     eos = manifest.get("tokenizer", {}).get("eos_token_id")
     runs = []
     for path in (ref_path, cand_path):

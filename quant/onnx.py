@@ -8,8 +8,10 @@ Schemes (registry `ONNX_SCHEMES`, exact keys), each onnxruntime's own quantizer:
 
 * ``int8``: `quantize_dynamic` (weights int8 per tensor, activations quantized at run time:
   MatMulInteger + DynamicQuantizeLinear);
-* ``int4``: `matmul_nbits_quantizer.MatMulNBitsQuantizer` with RTN (round to nearest, blocks of
-  32 along K, symmetric): MatMul weights become MatMulNBits;
+* ``int4``: RTN (round to nearest, blocks of 32 along K, symmetric) by onnxruntime's own kernel,
+  the numbers of its MatMulNBitsQuantizer's default algorithm, one weight at a time
+  (quant/onnx_int4.py; the quantizer itself holds the whole graph): MatMul weights become
+  MatMulNBits;
 * ``int4-gptq``: the same quantizer with its GPTQ algorithm config (onnxruntime vendors the
   neural-compressor GPTQ code, CPU only), calibrated on real images.
 
@@ -37,6 +39,7 @@ from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.registry import Registry
 
 INT4_BLOCK_SIZE = 32  # values per scale along K; onnxruntime's default and llama.cpp's Q4_0 block
+COMPARE_BATCH = 2  # images per onnxruntime run in compare_onnx
 GPTQ_MIN_CALIBRATION = 8  # images; fewer gives a Hessian too poor to beat RTN
 
 
@@ -56,13 +59,15 @@ def _int8(src: Path, dst: Path, calibration) -> None:
 
 def _nbits(algo: str) -> Callable[..., None]:
     def run(src: Path, dst: Path, calibration) -> None:
+        if algo == "RTN":  # one weight at a time (quant/onnx_int4.py): the numbers onnxruntime's RTN writes
+            from tinyllava_edge.quant.onnx_int4 import quantize_int4_streaming
+
+            quantize_int4_streaming(src, dst, INT4_BLOCK_SIZE)
+            return
         import onnx
         from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
-        if algo == "RTN":
-            config = mq.RTNWeightOnlyQuantConfig()
-        else:
-            config = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(calibration),
+        config = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(calibration),
                                                   block_size=128, percdamp=0.01, actorder=False, mse=False,
                                                   perchannel=True)
         model = onnx.load(str(src))
@@ -163,6 +168,8 @@ def session(path: str | os.PathLike, n_threads: int = 1):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = n_threads
+    # the checks run a graph a few times: no pre-packed second copy of every matrix
+    options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -171,9 +178,16 @@ def compare_onnx(reference: str | os.PathLike, candidate: str | os.PathLike, pix
     value), per-token cosine min/mean."""
     from tinyllava_edge.export.onnx_vision import token_cosine
 
-    feed = {"pixel_values": np.ascontiguousarray(pixels, np.float32)}
-    (want,) = session(reference).run(["image_embeds"], feed)
-    (got,) = session(candidate).run(["image_embeds"], feed)
+    pixels = np.ascontiguousarray(pixels, np.float32)
+    # one graph at a time, COMPARE_BATCH images at a time: 16 images of 384 px in one batch held
+    # 3.7 GiB of activations at SigLIP-so400m's size (bench-scale, docs/bench.md "Memory")
+    outputs = []
+    for path in (reference, candidate):
+        graph = session(path)
+        outputs.append(np.concatenate([graph.run(["image_embeds"], {"pixel_values": pixels[i:i + COMPARE_BATCH]})[0]
+                                       for i in range(0, len(pixels), COMPARE_BATCH)]))
+        del graph
+    want, got = outputs
     diff = float(np.abs(got.astype(np.float64) - want).max())
     cosine = token_cosine(got, want)
     return {"images": int(len(pixels)), "max_abs_diff": diff, "max_rel_diff": diff / (float(np.abs(want).max()) or 1.0),

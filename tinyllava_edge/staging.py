@@ -12,38 +12,72 @@ Standard library only: `tinyllava-export --help` stays fast.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME, is_bundle, sha256_file
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.hub import repo_of
+from tinyllava_edge.memory import StagePeak, release_freed_memory
 
 
 class Steps:
-    """`[k/n] what` lines on stderr, each closed with its time."""
+    """`[k/n] what` lines on stderr, each closed with its wall time and the stage's peak resident
+    memory; `records` keeps both per stage for the manifest (a bundle says what it cost to make)."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.k, self.t0 = total, enabled, 0, None
+        self.what = ""
+        self.records: list[dict] = []
+        self.peak: StagePeak | None = None
 
     def start(self, what: str) -> None:
         self.done()
         self.k += 1
+        self.what = what
+        release_freed_memory()
+        self.peak = StagePeak()  # each stage's own peak (Linux); elsewhere the process's so far
         self.t0 = time.perf_counter()
         if self.enabled:
             print(f"[{self.k}/{self.total}] {what} ...", file=sys.stderr, flush=True)
 
     def done(self) -> None:
-        if self.t0 is not None and self.enabled:
-            print(f"      done in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
+        if self.t0 is None:
+            return
+        seconds, peak = time.perf_counter() - self.t0, self.peak.peak()
+        self.peak.close()
+        self.records.append({"stage": self.what, "seconds": round(seconds, 2), "peak_rss_bytes": peak})
+        if self.enabled:
+            print(f"      done in {seconds:.1f} s, peak RSS {peak / 2**30:.2f} GiB", file=sys.stderr, flush=True)
         self.t0 = None
+
+
+class DiskFull(TinyLlavaError):
+    """The disk filled up while an output was written (raised by `disk_full_is_one_sentence`)."""
+
+
+@contextmanager
+def disk_full_is_one_sentence(final: Path) -> Iterator[None]:
+    """A write that runs out of space (ENOSPC, EDQUOT) becomes one sentence naming `final`; the
+    staged folder the block writes into is removed by its own context, so nothing is left at
+    `final`. Nested (a scratch bundle inside a quantized export), the outermost `final` is named."""
+    try:
+        yield
+    except (OSError, DiskFull) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) else "No space left on device"
+        raise DiskFull(f"the disk filled up while writing {final} ({reason}); nothing was written there: free some "
+                       "space or choose another output folder") from None
 
 
 def check_destination(final: Path, overwrite: bool, *, what: str, is_ours: Callable[[Path], bool],

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "interleaved rounds, medians; writes a markdown table, JSON and plots.",
         epilog="contenders: " + "; ".join(DEFAULT_CONTENDERS))
     p.add_argument("--model", action="append", required=True,
-                   help="a checkpoint directory, or 'bench-scale' (Qwen2-0.5B + SigLIP-so400m dims, random "
-                        "weights, built and cached under --cache); repeatable")
+                   help="a checkpoint directory, 'bench-scale' (Qwen2-0.5B + SigLIP-so400m dims) or 'phi2-scale' "
+                        "(Phi-2 + SigLIP-so400m dims, bf16), random weights, built and cached under --cache; "
+                        "repeatable")
     p.add_argument("--data", action="append", default=[],
                    help="a shapes dataset dir (tinyllava-data) for the N-th --model: real images and the accuracy "
                         "subset; 'none' for a model without one (repeatable, in --model order)")
@@ -55,7 +56,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_DOCS, help="markdown + plots directory (%(default)s)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="JSON results file (%(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    m = commands.add_parser(
+        "memory", help="peak resident memory and wall time of export (--bits 16, --bits 4), quantize, load and one "
+                       "answer, against the checkpoint's size",
+        description="Each stage in its own process (the tinyllava-export / tinyllava-quantize commands, then "
+                    "tinyllava_edge.load and one answer on the 4-bit bundle): wall time, peak RSS (os.wait4), the "
+                    "ratio to the checkpoint's bytes on disk, and each export's own per-stage figures. Run one "
+                    "scale at a time on a shared machine: phi2-scale peaks near 8 GB.")
+    m.add_argument("--model", action="append", required=True,
+                   help="'bench-scale' (Qwen2-0.5B + SigLIP-so400m dims, fp32), 'phi2-scale' (Phi-2 + "
+                        "SigLIP-so400m dims, bf16, TinyLLaVA-Phi-2-SigLIP-3.1B's size) or a checkpoint; repeatable")
+    m.add_argument("--cache", type=Path, default=Path("runs"), help="where scales and bundles go (%(default)s)")
+    m.add_argument("--answer-tokens", type=int, default=16, help="tokens the one answer decodes (%(default)s)")
+    m.add_argument("--keep", action="store_true", help="keep the bundles made (default: removed after measuring)")
+    m.add_argument("--json", type=Path, default=Path("docs") / "results" / "bench-memory.json",
+                   help="JSON results file (%(default)s; one entry per scale, replaced when measured again)")
     return parser
+
+
+def run_memory_command(args: argparse.Namespace) -> list[Path]:
+    import json
+
+    from tinyllava_edge.atomic import write_text
+    from tinyllava_edge.bench.memory import markdown_table, run_memory
+
+    previous = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {}
+    for model in args.model:
+        result = run_memory(model, args.cache, answer_tokens=args.answer_tokens, keep=args.keep)
+        previous[result["scale"]] = result
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_text(args.json, json.dumps(previous, indent=1) + "\n")  # each scale as soon as it is measured
+        print(f"\n{markdown_table(result)}")
+    return [args.json]
 
 
 def run(args: argparse.Namespace, command: str) -> list[Path]:
@@ -87,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        written = run(args, "tinyllava-bench " + shlex.join(argv))
+        if args.command == "memory":
+            written = run_memory_command(args)
+        else:
+            written = run(args, "tinyllava-bench " + shlex.join(argv))
     except USER_ERRORS as err:
         return fail(err)
     print("wrote " + ", ".join(str(p) for p in written))

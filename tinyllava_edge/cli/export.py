@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image prompts the LLM check runs (%(default)s)")
     parser.add_argument("--check-tokens", type=int, default=DEFAULT_CHECK_TOKENS,
                         help="greedy tokens per check prompt (%(default)s)")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="refuse up front, saying how much it needs, when the export's estimated peak resident "
+                             "memory is larger than SIZE (e.g. 8GB; GB = 10^9 bytes, GiB = 2^30)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
@@ -68,16 +71,20 @@ def run(args: argparse.Namespace) -> dict:
     model = resolve_model(args.model, args.revision)
     if args.format == HF_FORMAT:
         unused = [flag for flag, given in (("--bits", args.bits not in (None, 32)), ("--no-mmproj", args.no_mmproj),
-                                           ("--onnx-fp16", args.onnx_fp16)) if given]
+                                           ("--onnx-fp16", args.onnx_fp16), ("--max-memory", args.max_memory))
+                  if given]
         if unused:
             raise TinyLlavaError(f"{', '.join(unused)} apply to edge bundles; --format hf writes fp32 weights "
                                  "(engines cast them on load, e.g. vllm serve --dtype bfloat16)")
         return export_hf(model, args.out, verify=not args.no_verify, progress=not args.quiet,
                          overwrite=args.overwrite, check_images=args.check_images, check_tokens=args.check_tokens)
+    from tinyllava_edge.memory import parse_size
+
     bits = DEFAULT_BITS if args.bits is None else args.bits
     options = dict(fmt=args.format, mmproj=not args.no_mmproj, verify=not args.no_verify, progress=not args.quiet,
                    onnx_fp16=args.onnx_fp16, overwrite=args.overwrite, check_images=args.check_images,
-                   check_tokens=args.check_tokens)
+                   check_tokens=args.check_tokens,
+                   max_memory=parse_size(args.max_memory) if args.max_memory is not None else None)
     if str(bits) in PRECISIONS:
         from tinyllava_edge.export import export_bundle
 
@@ -112,8 +119,8 @@ def summary_lines(result: dict) -> list[str]:
     if "export" in result:
         from tinyllava_edge.cli.quantize import summary_lines as quantize_lines
 
-        return quantize_lines(result) + fidelity_lines(result["export"]["manifest"]["validation"],
-                                                       "the 16-bit bundle it was quantized from")
+        return quantize_lines(result) + stage_lines(result["manifest"]) + fidelity_lines(
+            result["export"]["manifest"]["validation"], "the 16-bit bundle it was quantized from")
     manifest = result["manifest"]
     out = Path(result["path"])
     lines = [f"bundle {out} ({manifest['format']}, {manifest['bits']}-bit) written in {result['seconds']:.1f} s"]
@@ -122,7 +129,21 @@ def summary_lines(result: dict) -> list[str]:
     lines.append(f"  {MANIFEST_NAME:22s} {'':8s} {'':5s} {human_size((out / MANIFEST_NAME).stat().st_size):>10s}")
     for s in manifest["skipped"]:
         lines.append(f"  skipped {s['role']}: {s['reason']}")
-    return lines + fidelity_lines(manifest["validation"])
+    return lines + stage_lines(manifest) + fidelity_lines(manifest["validation"])
+
+
+def stage_lines(manifest: dict) -> list[str]:
+    """The costliest stage by memory, against the checkpoint's size (the per-stage figures are in
+    the manifest's `stages` and were printed as the export ran)."""
+    stages = manifest.get("stages") or []
+    if not stages:
+        return []
+    top = max(stages, key=lambda r: r["peak_rss_bytes"])
+    plan = manifest.get("memory_plan") or {}
+    ratio = f" ({top['peak_rss_bytes'] / plan['checkpoint_bytes']:.2f}x the checkpoint's " \
+            f"{human_size(plan['checkpoint_bytes'])})" if plan.get("checkpoint_bytes") else ""
+    return [f"peak resident memory {human_size(top['peak_rss_bytes'])}{ratio} in stage '{top['stage']}'; "
+            f"{len(stages)} stages, {sum(r['seconds'] for r in stages):.1f} s"]
 
 
 def fidelity_lines(v: dict, what: str = "") -> list[str]:

@@ -26,7 +26,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ from tinyllava_edge.model.configuration import TinyLlavaConfig
 from tinyllava_edge.model.gptq import attach_gptq_llm, gptq_llm_dir
 from tinyllava_edge.model.tf4_compat import (HEAD_PREFIX, add_4x_keys, dinov2_from_4x, dinov2_to_4x, drop_4x_keys,
                                              siglip_head_placeholder)
+from tinyllava_edge.model.weights import LazyWeights, write_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -87,7 +89,7 @@ class Checkpoint:
     path: Path
     layout: str
     config: TinyLlavaConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]  # our names; each tensor read from the files when accessed
 
 
 # -- reading files ----------------------------------------------------------------------------
@@ -112,11 +114,9 @@ def read_config_json(path: Path) -> dict[str, Any]:
     return raw
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors` or of the shards its index names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_safetensors(path: Path) -> LazyWeights:
+    """The tensors of `model.safetensors` or of the shards its index names, each read when asked
+    for (model/weights.py): a part of the model is loaded without the rest."""
     single, index = path / WEIGHTS_NAME, path / WEIGHTS_INDEX_NAME
     if single.is_file():
         files = [single]
@@ -137,14 +137,43 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 "(pickle files can run code): convert the weights to model.safetensors first"
             )
         raise CheckpointError(f"{path} has no {WEIGHTS_NAME} (nor a sharded {WEIGHTS_INDEX_NAME})")
+    return LazyWeights(files)
 
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            tensors.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from None
-    return tensors
+
+class _Renamed(Mapping):
+    """A view of `source` under other names (ours -> the file's); values read on access."""
+
+    def __init__(self, source: LazyWeights, names: Mapping[str, str]):
+        self._source, self._names = source, dict(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._source[self._names[name]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._source.shape(self._names[name])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._source.dtype(self._names[name])
+
+    def nbytes(self, name: str | None = None) -> int:
+        names = [name] if name is not None else list(self._names)
+        return sum(self._source.nbytes(self._names[n]) for n in names)
+
+    def under(self, prefix: str) -> "_Renamed":
+        """The tensors whose names start with `prefix`, named without it (still unread)."""
+        return _Renamed(self._source, {k[len(prefix):]: v for k, v in self._names.items() if k.startswith(prefix)})
+
+
+def weights_under(state: Mapping[str, torch.Tensor], prefix: str) -> Mapping[str, torch.Tensor]:
+    if isinstance(state, _Renamed):
+        return state.under(prefix)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 # -- layout detection ---------------------------------------------------------------------------
@@ -381,12 +410,13 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path}: {len(unmapped)} weights have names the {layout} layout does not know: "
             + _preview(unmapped)
         )
-    state = {mapping[k]: source[k] for k in mapping}
+    names = {ours: name for name, ours in mapping.items()}
     if layout == "factory" and getattr(config.vision_config, "vision_use_head", True) is False:
         # the placeholder head written for 4.x readers (tf4_compat); our tower has none
-        state = {k: v for k, v in state.items() if not k.startswith(_TOWER + HEAD_PREFIX)}
+        names = {k: v for k, v in names.items() if not k.startswith(_TOWER + HEAD_PREFIX)}
+    state: Mapping[str, torch.Tensor] = _Renamed(source, names)  # nothing read yet
     if config.vision_config.model_type == "dinov2":
-        state = _map_tower(state, dinov2_from_4x)
+        state = _map_tower(state, dinov2_from_4x)  # renames tensors of the tower: read (small models only)
     return Checkpoint(path, layout, config, state)
 
 
@@ -402,16 +432,23 @@ def _preview(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: Path) -> None:
-    """Copy `state` into `model`, reporting every missing, unexpected or mis-shaped weight at once."""
+def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: Path, *,
+               dtype: torch.dtype | None = None) -> None:
+    """Copy `state` into `model`, reporting every missing, unexpected or mis-shaped weight at once.
+
+    With `dtype` the tensors become the model's parameters (cast one at a time where they are
+    stored in another type) instead of being copied into parameters made beforehand: a model
+    built empty (no_init_weights) never holds a second copy of its weights.
+    """
     own = model.state_dict()
     tied = _tied_names(model)
     missing = [k for k in own if k not in state and k not in tied]
     unexpected = [k for k in state if k not in own]
+    shape_of = getattr(state, "shape", lambda k: tuple(state[k].shape))  # lazy mappings know it unread
     shapes = [
-        f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} from the config"
+        f"{k} {tuple(shape_of(k))} in the file, {tuple(own[k].shape)} from the config"
         for k in state
-        if k in own and tuple(state[k].shape) != tuple(own[k].shape)
+        if k in own and tuple(shape_of(k)) != tuple(own[k].shape)
     ]
     problems = []
     if missing:
@@ -422,7 +459,14 @@ def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where:
         problems.append(f"{len(shapes)} weights of the wrong shape ({'; '.join(shapes[:4])})")
     if problems:
         raise CheckpointError(f"{where} does not match its config: " + "; ".join(problems))
-    model.load_state_dict(dict(state), strict=False)
+    if dtype is None:
+        model.load_state_dict(dict(state), strict=False)
+        return
+    tensors = {}
+    for name in state:
+        tensor = state[name]
+        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() and own[name].is_floating_point() else tensor
+    model.load_state_dict(tensors, strict=False, assign=True)
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
@@ -438,14 +482,20 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: Any = None, device: Any = None):
+def load_checkpoint(path: str | os.PathLike, dtype: Any = None, device: Any = None,
+                    parts: tuple[str, ...] | None = None, keep_buffers: bool = False):
+    """The model of a checkpoint directory; `dtype` None keeps the parameters float32, "auto" the
+    stored dtype; float buffers (RoPE frequencies, Gemma's embedding scale) follow `dtype` unless
+    `keep_buffers` (float32 as built: the export's reference computes in float32). `parts` (top-level module names, e.g. ("vision_tower", "connector")) loads only
+    those; the other modules stay on the meta device (shapes, no memory), so the vision graph or
+    mmproj of a 3B checkpoint is exported with the vision weights alone in memory."""
     from transformers.initialization import no_init_weights
 
     from tinyllava_edge.model.modeling import TinyLlavaForConditionalGeneration
 
     ckpt = read_checkpoint(path)
     if dtype == "auto":  # transformers' meaning: the dtype the weights were saved in
-        dtype = getattr(ckpt.config, "dtype", None)
+        dtype = getattr(ckpt.config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     # no_init_weights: torch.empty tensors, so the LLM a GPTQ checkpoint replaces is never filled
@@ -455,19 +505,29 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any = None, device: Any = No
     model.quantization = None
     llm_dir = gptq_llm_dir(ckpt.path) if ckpt.layout == "factory" else None
     if llm_dir is not None:  # the LLM stored GPTQ-quantized (model/gptq.py)
+        if parts is not None:
+            raise CheckpointError(f"{path}: loading only {', '.join(parts)} of a GPTQ checkpoint is not supported")
         model.quantization = attach_gptq_llm(model, ckpt.state_dict, ckpt.path, llm_dir, dtype=dtype, device=device)
         return model.eval()
+    state = ckpt.state_dict
+    if parts is not None:
+        for name, module in model.named_children():
+            if name not in parts:
+                module.to("meta")  # frees the empty parameters; anything that reads them fails loudly
     model.tie_weights()  # skipped under no_init_weights; the file holds tied tensors once
-    load_state(model, ckpt.state_dict, ckpt.path)
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
+    if parts is None:
+        load_state(model, state, ckpt.path, dtype=dtype or torch.float32)
+    else:
+        for name in parts:
+            load_state(getattr(model, name), weights_under(state, f"{name}."), ckpt.path, dtype=dtype or torch.float32)
+    model.tie_weights()  # assign replaced the shared parameter: tie the output layer to it again
+    if device is not None or (dtype is not None and not keep_buffers):  # float buffers follow the dtype
+        model.to(device=device, dtype=None if keep_buffers else dtype)
     return model.eval()
 
 
 def save_checkpoint(model, save_directory: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the Factory layout: config.json + model.safetensors, each through a temporary name."""
-    from safetensors.torch import save_file
-
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     tied = _tied_names(model)
@@ -484,7 +544,7 @@ def save_checkpoint(model, save_directory: str | os.PathLike, state_dict: Mappin
     # transformers 4.x readers (the Factory) find their own spellings too: tf4_compat
     text = json.dumps(add_4x_keys(json.loads(config.to_json_string())), indent=2, sort_keys=True) + "\n"
     with atomic_file(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp, metadata={"format": "pt"})  # one tensor at a time: no second copy
     write_text(out / CONFIG_NAME, text)
     return out
 

@@ -80,7 +80,8 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel):
     # -- vision ----------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, hidden): tower, Factory feature selection, connector."""
-        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        tower = next(self.vision_tower.parameters())  # the tower's, not the LLM's (an export may load it alone)
+        pixel_values = pixel_values.to(device=tower.device, dtype=tower.dtype)
         features = self.vision_tower(
             pixel_values,
             layer=self.config.vision_feature_layer,

@@ -2,27 +2,9 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 from dataclasses import asdict, dataclass
 
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far.
-
-    Linux: VmHWM of /proc/self/status. getrusage's ru_maxrss survives execve, so a process started
-    from a larger one (a benchmark driver, a test run, a notebook) would report its parent's peak.
-    Elsewhere getrusage (kB, bytes on macOS).
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+from tinyllava_edge.memory import peak_rss_bytes  # noqa: F401 (the runtime's callers import it from here)
 
 
 @dataclass

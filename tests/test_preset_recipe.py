@@ -137,3 +137,43 @@ def test_the_same_seed_on_the_same_machine_gives_the_same_model_byte_for_byte(ru
         differ = [name for name in first if first[name] != second[name]]
         assert not differ, f"{part}: {differ}"
     assert "model.safetensors" in _files(out / "model") and "meta.json" in _files(out / "data")
+
+
+def test_a_run_is_placed_against_the_recipes_reference_runs():
+    from tinyllava_edge.train.preset_recipes import Reference
+
+    ref = Reference(seeds=(0, 1, 2), accuracies=(96.0, 94.0, 95.5), cpu="Some CPU")
+    assert ref.mean == pytest.approx(95.1667, abs=1e-3) and ref.worst == 94.0
+    assert "BELOW every one" in ref.verdict(91.5) and "worst 94.0 %, mean 95.2 %" in ref.verdict(91.5)
+    assert "within the spread" in ref.verdict(94.5)
+    assert "at or above the mean" in ref.verdict(95.2) and "Some CPU" in ref.verdict(95.2)
+
+
+def test_only_a_full_evaluated_default_run_gets_the_reference_sentence(run):
+    from tinyllava_edge.train.preset_recipes import reference_verdict
+
+    recipe = PRESET_RECIPES.get("tiny-shapes")
+    assert recipe.reference is not None and len(recipe.reference.seeds) >= 3
+    _, small, _ = run
+    assert reference_verdict(small) is None  # made small: not comparable
+    full = {"preset": "tiny-shapes", "dataset": dict(recipe.dataset), "overrides": {},
+            "eval": {"split": "test", "exact_match": recipe.reference.worst - 5}}
+    assert "BELOW every one" in reference_verdict(full)
+    assert reference_verdict({**full, "eval": {**full["eval"], "split": "val"}}) is None
+
+
+def test_the_main_job_prints_the_reference_sentence(capsys, monkeypatch):
+    from tinyllava_edge.cli.pipeline import print_summary
+
+    recipe = PRESET_RECIPES.get("tiny-shapes")
+    summary = {"stages": [], "runs": {"16-bit": {"threads": 2}}, "questions": [],
+               "recipe": {"preset": "tiny-shapes", "dataset": dict(recipe.dataset), "overrides": {},
+                          "train_wall_seconds": 500.0,
+                          "stages": {"pretrain": {"parameters": {"total": 9_787_136}}},
+                          "eval": {"split": "test", "n": 4554, "exact_match": 50.0, "per_kind": {"shape": 50.0}}}}
+    import tinyllava_edge.cli.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "comparison_lines", lambda runs, questions: [])
+    print_summary(summary)
+    out = capsys.readouterr().out
+    assert "this run scored 50.0 %, BELOW every one of the recipe's reference runs" in out

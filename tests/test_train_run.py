@@ -293,3 +293,23 @@ def test_cli_help_and_one_line_errors(env, tmp_path, capsys):
     # bitsandbytes may print a line about optional CPU kernels on import; ours is the one error line
     lines = [line for line in proc.stderr.splitlines() if "kernels" not in line]
     assert proc.returncode == 2 and lines == [f"error: output {target} is a file; expected a directory"], proc.stderr
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):
+    import tinyllava_edge.train.run as run_module
+
+    amd = tmp_path / "zen4"
+    amd.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n\n")
+    intel = tmp_path / "spr"
+    intel.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    old = tmp_path / "zen3"
+    old.write_text("flags\t\t: fpu sse2 avx2 avx512f\nbugs\t\t: avx512_bf16_is_not_a_flag_here\n")
+    assert run_module.cpu_has_native_bf16(amd) and run_module.cpu_has_native_bf16(intel)
+    assert not run_module.cpu_has_native_bf16(old)
+    assert not run_module.cpu_has_native_bf16(tmp_path / "missing")
+
+    monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run_module, "cpu_has_native_bf16", lambda: True)
+    assert run_module._precision("auto") == "bf16" and run_module._precision("fp32") == "fp32"
+    monkeypatch.setattr(run_module, "cpu_has_native_bf16", lambda: False)
+    assert run_module._precision("auto") == "fp32"

@@ -68,7 +68,7 @@ class TrainConfig:
     save_steps: int = 500  # checkpoint every N optimizer steps (Factory keeps 1)
     save_total_limit: int = 1
     logging_steps: int = 1
-    precision: str = "auto"  # auto: bf16 mixed precision on a bf16 GPU, else fp32
+    precision: str = "auto"  # auto: bf16 mixed precision on a bf16 GPU or a native-bf16 CPU, else fp32
     gradient_checkpointing: bool = False
     deepspeed: str | None = None  # a DeepSpeed JSON, or `zero2` / `zero3` for the shipped ones
     fsdp: bool = False  # PyTorch FSDP with `fsdp_config` (default: the shipped configs/fsdp.json)

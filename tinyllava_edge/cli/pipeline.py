@@ -210,6 +210,8 @@ def _ms(value: float | None) -> str:
 
 
 def print_summary(summary: dict) -> None:
+    from tinyllava_edge.train.preset_recipes import reference_verdict
+
     print("\ntinyllava-edge pipeline summary")
     for name, state, path, seconds in summary["stages"]:
         where = f"  {path}  ({human_size(_disk_bytes(Path(path)))})" if path is not None else ""
@@ -223,6 +225,9 @@ def print_summary(summary: dict) -> None:
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in ev["per_kind"].items())
         print(f"  checkpoint (PyTorch) on the held-out test split ({ev['n']} questions): exact match "
               f"{ev['exact_match']:.1f} % ({kinds})")
+        verdict = reference_verdict(summary["recipe"])
+        if verdict:
+            print(f"  {verdict}")
     questions = summary["questions"]
     threads = next(iter(runs.values()))["threads"]
     print(f"  the bundles on the same {len(questions)} held-out test questions, edge runtime on the CPU"

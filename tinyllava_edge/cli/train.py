@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-total-limit", type=int, default=d["save_total_limit"], help="(default: %(default)s)")
     run.add_argument("--logging-steps", type=int, default=d["logging_steps"], help="(default: %(default)s)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d["precision"],
-                     help="auto: bf16 mixed precision on a bf16 GPU, else fp32 (default: %(default)s)")
+                     help="auto: bf16 mixed precision on a bf16 GPU or a CPU with native bf16 "
+                          "(AVX512-BF16, AMX), else fp32 (default: %(default)s)")
     run.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     run.add_argument("--deepspeed", metavar="CONFIG", help="zero2, zero3 (shipped) or a DeepSpeed JSON file")
     run.add_argument("--fsdp", action="store_true", help="PyTorch FSDP (shipped configs/fsdp.json unless --fsdp-config)")
@@ -147,6 +148,8 @@ def run_preset_recipe(args: argparse.Namespace) -> dict:
 
 
 def print_recipe_summary(summary: dict) -> None:
+    from tinyllava_edge.train.preset_recipes import reference_verdict
+
     print(f"\ntrained preset {summary['preset']!r} (seed {summary['seed']}) in {summary['train_wall_seconds']:.0f} s "
           f"wall time on {summary['threads']} thread(s); model: {summary['model']}")
     for step in summary["steps"]:
@@ -157,6 +160,9 @@ def print_recipe_summary(summary: dict) -> None:
         ev = summary["eval"]
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in ev["per_kind"].items())
         print(f"  {ev['split']} split, {ev['n']} questions: exact match {ev['exact_match']:.1f} % ({kinds})")
+        verdict = reference_verdict(summary)
+        if verdict:
+            print(f"  {verdict}")
 
 
 def print_summary(summary: dict) -> None:

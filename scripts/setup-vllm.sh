@@ -20,6 +20,13 @@ LOCK=locks/venv-vllm.txt
 stamp=.venv-vllm/.tinyllava-edge-setup
 want=$(cat "$LOCK" scripts/setup-vllm.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    # the install needs room for the environment (6.6 GB) and pip's unpacked downloads beside it
+    need_gb=12
+    free_gb=$(df -Pk .venv-vllm "${TMPDIR:-/tmp}" | awk 'NR > 1 {print int($4 / 1048576)}' | sort -n | head -1)
+    if [ "$free_gb" -lt "$need_gb" ]; then
+        echo "setup-vllm: only $free_gb GB free on the disk of .venv-vllm or ${TMPDIR:-/tmp}; the install needs about $need_gb GB" >&2
+        exit 1
+    fi
     echo "setup-vllm: installing into .venv-vllm (about 6.6 GB)"
     cert=()
     for bundle in "${PIP_CERT:-}" /etc/ssl/certs/ca-certificates.crt; do

@@ -11,12 +11,13 @@ Schemes (registry `ONNX_SCHEMES`, exact keys), each onnxruntime's own quantizer:
 * ``int4``: RTN (round to nearest, blocks of 32 along K, symmetric) by onnxruntime's own kernel,
   the numbers of its MatMulNBitsQuantizer's default algorithm, one weight at a time
   (quant/onnx_int4.py; the quantizer itself holds the whole graph): MatMul weights become
-  MatMulNBits;
+  MatMulNBits, and the patch Conv's weight is stored int8 per output channel (weight-only,
+  computed in float32: in a small tower it is most of the graph);
 * ``int4-gptq``: the same quantizer with its GPTQ algorithm config (onnxruntime vendors the
   neural-compressor GPTQ code, CPU only), calibrated on real images.
 
-Only MatMuls with constant weights are quantized (the patch Conv, norms and attention's
-activation-activation MatMuls stay fp32). The fp16 variant is not a quantization of this file: it
+Only MatMuls with constant weights are quantized (norms and attention's activation-activation
+MatMuls stay fp32, and so does the patch Conv except in ``int4``'s weight storage). The fp16 variant is not a quantization of this file: it
 is exported from the checkpoint (`export_vision_onnx(dtype="fp16")`, `--onnx-fp16`).
 """
 
@@ -62,7 +63,7 @@ def _nbits(algo: str) -> Callable[..., None]:
         if algo == "RTN":  # one weight at a time (quant/onnx_int4.py): the numbers onnxruntime's RTN writes
             from tinyllava_edge.quant.onnx_int4 import quantize_int4_streaming
 
-            quantize_int4_streaming(src, dst, INT4_BLOCK_SIZE)
+            quantize_int4_streaming(src, dst, INT4_BLOCK_SIZE, conv_int8=True)
             return
         import onnx
         from onnxruntime.quantization import matmul_nbits_quantizer as mq

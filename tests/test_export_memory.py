@@ -269,3 +269,59 @@ def test_int4_one_weight_at_a_time_equals_onnxruntimes_quantizer(ckpt, tmp_path,
     assert np.abs(got - fp32).max() > 1e-4  # it did quantize
     ops = {n.op_type for n in onnx.load(str(ours)).graph.node}
     assert "MatMulNBits" in ops
+
+
+def test_conv_weight_int8_rounds_each_output_channel_to_its_own_scale():
+    from tinyllava_edge.quant.onnx_int4 import conv_weight_int8
+
+    weight = np.random.default_rng(0).normal(size=(6, 3, 4, 4)).astype(np.float32)
+    weight[2] *= 100.0  # one loud channel must not coarsen the others
+    weight[4] = 0.0
+    q, scale = conv_weight_int8(weight)
+    assert q.dtype == np.int8 and scale.shape == (6,) and np.abs(q).max() == 127
+    back = q.astype(np.float32) * scale[:, None, None, None]
+    assert np.all(np.abs(back - weight) <= scale[:, None, None, None] / 2 + 1e-7)
+    assert scale[2] > 50 * scale[0] and np.all(back[4] == 0)
+
+
+def test_int4_scheme_stores_the_patch_convolution_as_int8(ckpt, tmp_path):
+    """The int4 scheme's graph: the patch Conv reads an int8 weight through a per-channel
+    DequantizeLinear (weight-only), the graph is smaller than with a float32 Conv, and its outputs
+    stay where the MatMul-only int4 graph's are."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from tinyllava_edge.export import onnx_vision
+    from tinyllava_edge.quant.onnx import INT4_BLOCK_SIZE, quantize_onnx
+    from tinyllava_edge.quant.onnx_int4 import quantize_int4_streaming
+
+    model = load_checkpoint(ckpt, parts=CheckpointParts.VISION)
+    graph = tmp_path / "vision.onnx"
+    onnx_vision.export_vision_onnx(model, graph, validate=False)
+    matmul_only = tmp_path / "matmul-only.onnx"
+    quantize_int4_streaming(graph, matmul_only, INT4_BLOCK_SIZE)
+    scheme = tmp_path / "vision-int4.onnx"
+    quantize_onnx(graph, scheme, "int4")
+    quantized = onnx.load(str(scheme))
+    inits = {t.name: t for t in quantized.graph.initializer}
+    conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
+    dq = next(n for n in quantized.graph.node if n.output[0] == conv.input[1])
+    assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == TensorProto.INT8
+    conv_weight = model.vision_tower._vision_tower.vision_model.embeddings.patch_embedding.weight
+    assert list(inits[dq.input[0]].dims) == list(conv_weight.shape)
+    assert list(inits[dq.input[1]].dims) == [conv_weight.shape[0]]  # one scale per output channel
+    assert not any(t.data_type == TensorProto.FLOAT and list(t.dims) == list(conv_weight.shape)
+                   for t in quantized.graph.initializer)
+    saved = conv_weight.numel() * 3  # float32 -> int8, less the scales
+    assert scheme.stat().st_size < matmul_only.stat().st_size - saved + 4096
+    pixels = np.random.default_rng(0).random((2, 3, *(model.config.vision_config.image_size,) * 2), np.float32)
+
+    def run(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            ["image_embeds"], {"pixel_values": pixels})[0]
+
+    got, want = run(scheme), run(matmul_only)
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.min() > 0.9999, cos.min()
+    assert np.abs(got - want).max() > 0  # the convolution did change

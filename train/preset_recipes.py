@@ -110,7 +110,7 @@ PRESET_RECIPES.add("tiny-shapes", PresetRecipe(
             "stage": "pretrain", **_SHAPES_TUNE, "lr": 3e-4, "connector_lr": 3e-4, "batch_size": 16, "max_steps": 1600,
             "warmup_ratio": 0.03})),
         StagePlan("model", "instruct.json", MappingProxyType({
-            "stage": "finetune", **_SHAPES_TUNE, "lr": 3e-4, "connector_lr": 1e-3, "batch_size": 16, "max_steps": 1350,
+            "stage": "finetune", **_SHAPES_TUNE, "lr": 3e-4, "connector_lr": 1e-3, "batch_size": 16, "max_steps": 1600,
             "warmup_ratio": 0.03})),
     ),
     # benchmarks/tiny_shapes.py --seeds 0 1 2, 2026-12-05 (bf16 autocast, 2 threads): the same

@@ -26,8 +26,8 @@ what "where", relative-position and existence questions build on (docs/tiny-shap
 sixth look).
 
 For training, ``instruct.json`` holds one multi-turn conversation per train image: every question
-of the image, plus ``EXTRA_TURNS`` (two "Where is the red circle?" -> "top left", one more
-existence question and one more colour question about another shape), in a seeded random order, then a request for its caption (last, so no
+of the image, plus ``EXTRA_TURNS`` (two "Where is the red circle?" -> "top left" and one more
+existence question), in a seeded random order, then a request for its caption (last, so no
 question can be read off the caption; LLaVA's instruction data is multi-turn in the same way).
 One image then serves six to nine supervised answers in one sequence, which is most of what
 makes the default model train in minutes on a CPU.
@@ -47,7 +47,6 @@ on any machine.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -64,15 +63,12 @@ from tinyllava_edge.errors import DataError
 GENERATOR_NAME = "tinyllava_edge.data.shapes"  # written to meta.json; marks our datasets
 # 2: grey background, outlined shapes, instruct.json; 3: instruct turns (caption last, extra);
 # 4: terse captions ("red circle top left, ..."), objects in a random order (images and questions as in 3)
-# 5: one more colour turn in the instruct conversations (images, captions and single-turn splits as in 4)
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 4
 # Training-only turns added to each instruct conversation: "Where is the red circle?" -> "top left"
 # (finding an object by colour and shape, then reading its cell: the skill relative-position and
-# existence questions build on) twice, one more existence question, and the colour of a second
-# shape when the image has one (colour found by shape was the kind that varied most from seed to
-# seed, 65-95 %, and captions only ever train the other direction, colour then shape). The
-# single-turn splits (train.json, val.json, test.json) keep the five benchmark kinds.
-EXTRA_TURNS = ("where", "where", "exists", "colour")
+# existence questions build on) twice, and one more existence question. The single-turn splits
+# (train.json, val.json, test.json) keep the five benchmark kinds.
+EXTRA_TURNS = ("where", "where", "exists")
 SPLITS = ("train", "val", "test")
 KINDS = ("shape", "colour", "count", "position", "exists")
 
@@ -375,10 +371,9 @@ def _ask_shape(rng, objects) -> tuple[str, str] | None:
     return _pick(rng, SHAPE_TEMPLATES).format(colour=colour), answer
 
 
-def _ask_colour(rng, objects, skip: frozenset[str] = frozenset()) -> tuple[str, str] | None:
-    """The colour of a shape that occurs once (and is not in ``skip``), or None."""
+def _ask_colour(rng, objects) -> tuple[str, str] | None:
     counts = Counter(o.shape for o in objects)
-    unique = [s for s in SHAPES if counts[s] == 1 and s not in skip]
+    unique = [s for s in SHAPES if counts[s] == 1]
     if not unique:
         return None
     shape = _pick(rng, unique)
@@ -476,12 +471,7 @@ def _conversation(rng, questions: list[tuple[str, str, str]], text: str, objects
     reading the caption back from the text (with it anywhere, half the questions of a
     conversation were answerable without looking at the image)."""
     turns = list(questions)
-    # the extra colour turn asks about a shape no earlier turn asked the colour of, so its answer
-    # cannot be copied from the conversation
-    asked = frozenset(s for kind, q, _ in questions if kind == "colour"
-                      for s in SHAPES if re.search(rf"\b{s}\b", q))
-    ask = {"where": lambda: _ask_where(rng, objects), "exists": lambda: _ask_exists(rng, objects, split),
-           "colour": lambda: _ask_colour(rng, objects, skip=asked)}
+    ask = {"where": lambda: _ask_where(rng, objects), "exists": lambda: _ask_exists(rng, objects, split)}
     for kind in EXTRA_TURNS:
         qa = ask[kind]()
         if qa is not None and (kind, *qa) not in turns:

@@ -4,7 +4,7 @@
 
 Each seed runs the command users run, as they run it: `tinyllava-train --preset tiny-shapes
 --seed N` in a child process with the command's own defaults (the benchmark sets no OpenMP or
-precision variables and removes an inherited OMP_WAIT_POLICY). The recipe's wall time is the
+precision variables and removes an inherited OMP_WAIT_POLICY or GOMP_SPINCOUNT). The recipe's wall time is the
 recipe's own figure (data, tokenizer and both training stages; the evaluation after it is not
 counted), read from the run's recipe_summary.json; the command's whole wall time is printed beside it.
 
@@ -31,7 +31,7 @@ FLOOR_RUN, FLOOR_MEAN, FLOOR_KIND, FLOOR_SECONDS = 93.0, 95.0, 85.0, 600.0
 
 def train_seed(seed: int, out: Path) -> dict:
     """Run `tinyllava-train --preset tiny-shapes` at `seed` into `out`; its summary plus the command's wall time."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.setdefault("HF_HUB_OFFLINE", "1")
     command = [str(Path(sys.executable).with_name("tinyllava-train")), "--preset", "tiny-shapes",
                "--output", str(out), "--seed", str(seed), "--overwrite", "--quiet"]

@@ -2,6 +2,7 @@
 line naming it (and the values it takes) and exit code 2; the main job runs end to end on the
 default."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -140,3 +141,20 @@ def test_pipeline_bad_workdir_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
     assert "is a file" in proc.stderr
+
+
+def test_training_openmp_wait_is_a_short_spin_unless_the_user_chose(monkeypatch):
+    from tinyllava_edge.cli.common import TRAIN_SPIN_COUNT, set_training_openmp_wait
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    set_training_openmp_wait()
+    assert os.environ["GOMP_SPINCOUNT"] == str(TRAIN_SPIN_COUNT) and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    set_training_openmp_wait()
+    assert "GOMP_SPINCOUNT" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    set_training_openmp_wait()
+    assert os.environ["GOMP_SPINCOUNT"] == "5" and "OMP_WAIT_POLICY" not in os.environ

@@ -183,6 +183,7 @@ def train_preset(name: str, output: str | os.PathLike, *, seed: int = 0, overwri
         "preset": name, "seed": seed, "output": str(out), "model": str(previous),
         "dataset": dataset, "stages": stage_summaries, "overrides": stage_overrides,
         "threads": _threads(),
+        "openmp_wait": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ},
     }
     if evaluate:
         log(f"[{n_steps}/{n_steps}] evaluation: shapes benchmark on the {recipe.eval_split} split ...")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from tinyllava_edge.bundle import MANIFEST_NAME
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, set_training_openmp_wait
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.sizes import human_size
 
@@ -237,9 +237,9 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Before torch loads OpenMP, as tinyllava-train does: spinning threads are many times slower
-    # on a busy machine (cli/train.py has the figures).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch loads OpenMP: a short spin at barriers, which keeps most of spinning's speed
+    # on an idle machine without its cost on a busy one (cli/common.py has the figures).
+    set_training_openmp_wait()
     try:
         summary = run(args)
     except USER_ERRORS as err:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any
 
-from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail
+from tinyllava_edge.cli.common import USER_ERRORS, ArgumentParser, fail, set_training_openmp_wait
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.sizes import human_size
 
@@ -188,10 +188,9 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Before torch loads OpenMP: on a shared 2-core machine (load ~4) spinning OpenMP threads
-    # made a tiny-shapes step 28x slower (0.17 vs 4.6 steps/s, batch 4); passive waiting does
-    # not. A value set by the user wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch loads OpenMP: a short spin at barriers, which keeps most of spinning's speed
+    # on an idle machine without its cost on a busy one (cli/common.py has the figures).
+    set_training_openmp_wait()
     try:
         if args.preset is not None and args.data is None and args.tokenizer is None:
             print_recipe_summary(run_preset_recipe(args))

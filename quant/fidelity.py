@@ -9,6 +9,7 @@ distribution, and the largest prompt-logit difference relative to the largest so
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,22 +41,31 @@ def compare_llm_files(manifest: dict, bundle_dir: Path, ref_path: Path, cand_pat
     from tinyllava_edge.data.template import Template
     from tinyllava_edge.export.checks import image_prompt, synthetic_images
     from tinyllava_edge.llamacpp import LlamaCppModel, LlamaCppTokenizer, split_segments
+    from tinyllava_edge.memory import release_freed_memory
 
     llm_record = files_by_role(manifest, "llm")[0]
     scale = float(llm_record.get("image_features_scale", 1.0)) * float(llm_record.get("embd_input_scale", 1.0))
     vision = next(f for f in files_by_role(manifest, "vision") if f["quant"] == "fp32")
+    threads = _threads()
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
+    # a few images, once: no pre-packed second copy of every matrix (phi2-scale: 1.6 GB more)
+    options.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(str(bundle_dir / vision["name"]), options, providers=["CPUExecutionProvider"])
     template = Template.from_dict(manifest["template"])
     pixels = preprocess(synthetic_images(n_prompts, seed=3), PreprocessConfig.from_dict(manifest["preprocess"]))
-    rows = session.run(["image_embeds"], {"pixel_values": pixels})[0] * np.float32(scale)
+    rows = np.concatenate([session.run(["image_embeds"], {"pixel_values": pixels[i:i + 1]})[0]
+                           for i in range(n_prompts)]) * np.float32(scale)
     del session  # not in memory beside the GGUF files, which are mapped one after the other
+    release_freed_memory()  # what the graph's run left in the C heap (phi2-scale: the check peaked at 8.35 GiB)
     eos = manifest.get("tokenizer", {}).get("eos_token_id")
     runs = []
     for path in (ref_path, cand_path):
-        with LlamaCppModel(path, n_ctx=vision["n_tokens"] + n_tokens + 256, n_threads=1, kv_type="f32",
+        # every core: one thread made this check 245 s of a phi2-scale export (4 prompts of 850
+        # positions through the F16 file, then the 4-bit one); llama.cpp splits a product's
+        # output among its threads, each dot product whole in one, so the count leaves the figures
+        with LlamaCppModel(path, n_ctx=vision["n_tokens"] + n_tokens + 256, n_threads=threads, kv_type="f32",
                            flash_attn="off") as llm:
             tokenizer = LlamaCppTokenizer(llm)
             stops = [eos if eos is not None else llm.eos_id]
@@ -66,6 +76,7 @@ def compare_llm_files(manifest: dict, bundle_dir: Path, ref_path: Path, cand_pat
                                              return_logits=True)
                 out.append((first, list(tokens)))
             runs.append(out)
+        release_freed_memory()
     ref, cand = runs
     total = sum(len(t) for _, t in ref)
     agree = sum(token_agreement(r[1], c[1]) for r, c in zip(ref, cand))
@@ -78,3 +89,10 @@ def compare_llm_files(manifest: dict, bundle_dir: Path, ref_path: Path, cand_pat
         "logits_rel_diff": float(max(np.abs(r[0] - c[0]).max() / max(1.0, np.abs(r[0]).max())
                                      for r, c in zip(ref, cand))),
     }
+
+
+def _threads() -> int:
+    """The cores this process may use, capped by OMP_NUM_THREADS when set (as the export's checks)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return max(1, min(cores, int(limit)) if limit.isdigit() and int(limit) > 0 else cores)

@@ -17,8 +17,9 @@ Schemes (registry `ONNX_SCHEMES`, exact keys), each onnxruntime's own quantizer:
   neural-compressor GPTQ code, CPU only), calibrated on real images.
 
 Only MatMuls with constant weights are quantized (norms and attention's activation-activation
-MatMuls stay fp32, and so does the patch Conv except in ``int4``'s weight storage). The fp16 variant is not a quantization of this file: it
-is exported from the checkpoint (`export_vision_onnx(dtype="fp16")`, `--onnx-fp16`).
+MatMuls stay fp32, and so does the patch Conv except in ``int4``'s weight storage). The fp16
+variant is not a quantization of this file: it is exported from the checkpoint
+(`export_vision_onnx(dtype="fp16")`, `--onnx-fp16`).
 """
 
 from __future__ import annotations

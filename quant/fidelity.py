@@ -9,7 +9,6 @@ distribution, and the largest prompt-logit difference relative to the largest so
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +41,12 @@ def compare_llm_files(manifest: dict, bundle_dir: Path, ref_path: Path, cand_pat
     from tinyllava_edge.export.checks import image_prompt, synthetic_images
     from tinyllava_edge.llamacpp import LlamaCppModel, LlamaCppTokenizer, split_segments
     from tinyllava_edge.memory import release_freed_memory
+    from tinyllava_edge.runtime.devices import default_threads
 
     llm_record = files_by_role(manifest, "llm")[0]
     scale = float(llm_record.get("image_features_scale", 1.0)) * float(llm_record.get("embd_input_scale", 1.0))
     vision = next(f for f in files_by_role(manifest, "vision") if f["quant"] == "fp32")
-    threads = _threads()
+    threads = default_threads()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
@@ -90,9 +90,3 @@ def compare_llm_files(manifest: dict, bundle_dir: Path, ref_path: Path, cand_pat
                                      for r, c in zip(ref, cand))),
     }
 
-
-def _threads() -> int:
-    """The cores this process may use, capped by OMP_NUM_THREADS when set (as the export's checks)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return max(1, min(cores, int(limit)) if limit.isdigit() and int(limit) > 0 else cores)

@@ -235,9 +235,10 @@ class DevicePlan:
                 "notes": list(self.notes)}
 
 
-def default_threads(hardware: Hardware) -> int:
-    """Physical cores, capped by OMP_NUM_THREADS when the user set it."""
-    threads = hardware.physical_cores
+def default_threads(hardware: Hardware | None = None) -> int:
+    """Physical cores (`hardware`'s, or this machine's when None), capped by OMP_NUM_THREADS when
+    the user set it."""
+    threads = hardware.physical_cores if hardware is not None else _default_physical_cores()
     limit = os.environ.get("OMP_NUM_THREADS", "").strip()
     if limit.isdigit() and int(limit) > 0:
         threads = min(threads, int(limit))

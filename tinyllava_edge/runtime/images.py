@@ -89,10 +89,7 @@ class ImageCache:
         if self.capacity <= 0:
             return
         with self._lock:
-            self._sources[source_key] = key
-            self._sources.move_to_end(source_key)
-            while len(self._sources) > self.capacity:
-                self._sources.popitem(last=False)
+            _put_bounded(self._sources, source_key, key, self.capacity)
 
     def get(self, key: str) -> np.ndarray | None:
         with self._lock:
@@ -108,10 +105,7 @@ class ImageCache:
         if self.capacity <= 0:
             return
         with self._lock:
-            self._rows[key] = rows
-            self._rows.move_to_end(key)
-            while len(self._rows) > self.capacity:
-                self._rows.popitem(last=False)
+            _put_bounded(self._rows, key, rows, self.capacity)
 
     def clear(self) -> None:
         with self._lock:
@@ -120,3 +114,11 @@ class ImageCache:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+def _put_bounded(entries: OrderedDict, key: str, value, capacity: int) -> None:
+    """Set `key` as the most recent entry, dropping the least recent beyond `capacity`."""
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > capacity:
+        entries.popitem(last=False)

@@ -103,6 +103,9 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     too little free disk is refused the same way, and a disk that fills up anyway is one
     sentence with nothing left at `out_dir`. `plan`: a caller's plan (export_quantized) to record.
     The manifest records the plan and each stage's wall time and peak resident memory (`stages`).
+    Returns {path, manifest, seconds, llm_runs}: `llm_runs`, llama.cpp's runs of the LLM check
+    (export/checks.llamacpp_runs; None without it), lets a quantized bundle's check skip decoding
+    this bundle's LLM again (quant/bundle.py `source_runs`).
     """
     if fmt not in FORMATS:
         raise TinyLlavaError(f"bundle format {fmt!r} is not supported; expected one of {', '.join(FORMATS)}")
@@ -129,6 +132,7 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         manifest = _write_parts(parts, staging, steps, precision, gguf=gguf, with_fp16=with_fp16,
                                 mmproj=mmproj, verify=verify, progress=progress, check_images=check_images,
                                 check_tokens=check_tokens)
+        llm_runs = manifest.pop("_llm_runs")
         steps.start(f"writing {MANIFEST_NAME}")
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -144,7 +148,8 @@ def export_bundle(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         manifest["memory_plan"] = plan  # what export/plan.py expected, beside what was measured
         write_manifest(staging, manifest)
         replace_folder(staging, final)
-    return {"path": str(final), "manifest": manifest, "seconds": time.perf_counter() - started}
+    return {"path": str(final), "manifest": manifest, "seconds": time.perf_counter() - started,
+            "llm_runs": llm_runs}
 
 
 # -- the parts ------------------------------------------------------------------------------------
@@ -235,6 +240,7 @@ def _write_parts(parts: CheckpointParts, folder: Path, steps: Steps, precision: 
     config = parts.checkpoint.config
     template = get_template(default_template_for_family(config.text_config.model_type))
     validation: dict[str, Any] = {"enabled": verify}
+    llm_runs = None  # llama.cpp's runs of the checks, for a quantized bundle's check (not in the manifest)
     # In a child process: what torch.onnx and onnxruntime keep after a graph of 1.7 GB is made
     # (about that much again, held from C++) goes back to the system when it exits.
     vision_out = run_vision_stage(parts.source, folder, steps, precision.gguf_type, precision.ftype, gguf=gguf,
@@ -269,8 +275,10 @@ def _write_parts(parts: CheckpointParts, folder: Path, steps: Steps, precision: 
             files.append(mmproj_record)
         if verify:
             del model  # the reference loads the whole model; the vision-only copy goes first
-            validation.update(_verify_llm(parts, template, folder, llm_path, files, precision, probe,
-                                          image_features_scale, check_images, check_tokens, steps))
+            checked = _verify_llm(parts, template, folder, llm_path, files, precision, probe,
+                                  image_features_scale, check_images, check_tokens, steps)
+            llm_runs = checked.pop("runs")
+            validation.update(checked)
     vision_file = next(f for f in files if f["role"] == "vision" and f["quant"] == "fp32")
     return {
         "model": {
@@ -296,6 +304,7 @@ def _write_parts(parts: CheckpointParts, folder: Path, steps: Steps, precision: 
         "files": files,
         "skipped": skipped,
         "validation": validation,
+        "_llm_runs": llm_runs,
     }
 
 
@@ -409,51 +418,41 @@ def _write_mmproj(model, folder: Path, precision: Precision) -> tuple[dict | Non
 def _verify_llm(parts: CheckpointParts, template, folder: Path, llm_path: Path, files: list[dict],
                 precision: Precision, probe: dict, image_features_scale: float, check_images: int,
                 check_tokens: int, steps: Steps) -> dict:
-    """PyTorch first (the whole model in its stored dtype, computed in float32), freed; then
-    llama.cpp and onnxruntime against the recorded reference: the two never share memory."""
+    """llama.cpp first (the vision graph's rows, then the GGUF mapped: tokenizer parity and greedy
+    answers), then PyTorch (the whole model in its stored dtype, computed in float32, teacher-forced
+    on llama.cpp's answers): the two never share memory. Returns the figures for the manifest and,
+    under "runs", llama.cpp's runs (checks.llamacpp_runs), which a quantized bundle's check reuses."""
     import gc
 
     import onnxruntime as ort
     import torch
 
     from tinyllava_edge.export.checks import (
+        check_prompts,
         compare_with_images,
         computed_in_fp32,
+        llamacpp_runs,
         mmproj_figures,
         mmproj_image,
         synthetic_images,
         tokenizer_parity,
-        torch_references,
+        torch_teacher_forced,
     )
     from tinyllava_edge.export.onnx_vision import preprocess_config
     from tinyllava_edge.llamacpp import LlamaCppModel
 
     tokenizer = parts.tokenizer
     mmproj_file = next((f for f in files if f["role"] == "mmproj"), None)
-    steps.start(f"PyTorch reference: {check_images} image prompts x {check_tokens} greedy tokens")
-    model = parts.reference()
-    with computed_in_fp32(model):
-        references = torch_references(model, tokenizer, template, synthetic_images(check_images),
-                                      new_tokens=check_tokens)
-        mmproj_torch = None
-        if mmproj_file is not None:
-            from tinyllava_edge.data.preprocess import preprocess
-
-            pixels = torch.from_numpy(preprocess(mmproj_image(model), preprocess_config(model)))
-            with torch.no_grad():
-                mmproj_torch = model.encode_images(pixels)[0].float().numpy()
-    config_holder = parts.checkpoint  # what mmproj_figures reads after the model is gone: the config
-    del model
-    gc.collect()
-
-    steps.start(f"checking {llm_path.name} against the reference (vision.onnx, then llama.cpp)")
+    prompts = check_prompts(tokenizer, template, synthetic_images(check_images), preprocess_config(parts.checkpoint))
+    steps.start(f"checking {llm_path.name} with llama.cpp: {check_images} image prompts x {check_tokens} greedy "
+                "tokens (image rows from vision.onnx), tokenizer parity")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = _threads()
     # run a few images once: no pre-packed second copy of every matrix (bench-scale: 1.6 GB more)
     options.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(str(folder / "vision.onnx"), options, providers=["CPUExecutionProvider"])
-    rows = [session.run(["image_embeds"], {"pixel_values": ref["pixels"]})[0][0] for ref in references]
+    rows = [session.run(["image_embeds"], {"pixel_values": p["pixels"]})[0][0] for p in prompts]
     del session  # the graph's weights go before llama.cpp maps the GGUF
     n_tokens = next(f["n_tokens"] for f in files if f["role"] == "vision")
     out: dict[str, Any] = {}
@@ -467,9 +466,29 @@ def _verify_llm(parts: CheckpointParts, template, folder: Path, llm_path: Path, 
                 f"check 'tokenizer parity' failed: llama.cpp and transformers agree on {parity['percent']:.1f} % of "
                 f"{parity['compared']} texts (first difference: {parity['mismatched'][0]!r}); 100 % is required"
             )
-        figures = compare_with_images(
-            references, tokenizer, template, llm, rows, new_tokens=check_tokens,
-            embd_scale=probe["embd_input_scale"] * image_features_scale, logits_tol=precision.logits_tol)
+        runs = llamacpp_runs(prompts, tokenizer, template, llm, rows, new_tokens=check_tokens,
+                             embd_scale=probe["embd_input_scale"] * image_features_scale)
+    del rows
+    gc.collect()
+
+    steps.start(f"PyTorch reference: {check_images} image prompts, one forward each over the prompt and "
+                "llama.cpp's answer")
+    model = parts.reference()
+    with computed_in_fp32(model):
+        torch_logits = torch_teacher_forced(model, prompts, runs)
+        mmproj_torch = None
+        if mmproj_file is not None:
+            from tinyllava_edge.data.preprocess import preprocess
+
+            pixels = torch.from_numpy(preprocess(mmproj_image(model), preprocess_config(model)))
+            with torch.no_grad():
+                mmproj_torch = model.encode_images(pixels)[0].float().numpy()
+    config_holder = parts.checkpoint  # what mmproj_figures reads after the model is gone: the config
+    del model
+    gc.collect()
+
+    figures = compare_with_images(prompts, runs, torch_logits, new_tokens=check_tokens,
+                                  logits_tol=precision.logits_tol)
     figures["llamacpp_settings"] = {"kv_type": "f32", "flash_attn": "off", "image_rows": "vision.onnx",
                                     "embd_input_scale": probe["embd_input_scale"],
                                     "image_features_scale": image_features_scale}
@@ -493,14 +512,17 @@ def _verify_llm(parts: CheckpointParts, template, folder: Path, llm_path: Path, 
         figures_mm = mmproj_figures(folder / mmproj_file["name"], llm_path, config_holder, torch_embeds=mmproj_torch)
         out["mmproj"] = {**figures_mm, "known_deviations": mmproj_file["deviations"],
                          "note": "stock llama.cpp mtmd vs PyTorch on one square image; recorded, not failed"}
+    out["runs"] = runs
     return out
 
 
 # What the LLM check compares, and what it would catch (recorded in the manifest).
 REFERENCE_NOTE = ("PyTorch holds the checkpoint's weights in their stored dtype and computes in float32, one "
-                  "module's weights widened at a time (identical to a float32 copy); every LLM tensor enters "
-                  "every prompt's forward, so a wrong, transposed, mis-permuted or mis-scaled tensor moves the "
-                  "prompt logits far past the tolerance (random-init miniatures: > 0.3 of the largest logit)")
+                  "module's weights widened at a time (identical to a float32 copy), one forward per prompt over "
+                  "the prompt and llama.cpp's answer (its greedy choice at every step compared with llama.cpp's "
+                  "token); every LLM tensor enters every prompt's forward, so a wrong, transposed, mis-permuted or "
+                  "mis-scaled tensor moves the prompt logits far past the tolerance (random-init miniatures: > 0.3 "
+                  "of the largest logit)")
 
 
 def _threads() -> int:

@@ -1,10 +1,14 @@
 """The bundle's checks against PyTorch: what `export_bundle(verify=True)` measures and records.
 
 * **LLM with an image.** Prompts built with the checkpoint's chat template (`Template.encode`,
-  `-200` where the image goes) run through `model.generate` (greedy) and through llama.cpp by
-  `tinyllava_edge.llamacpp` the way the edge runtime will: text tokenized by llama.cpp, the image
-  as embedding rows from the bundle's `vision.onnx`. Measured: max |logit difference| at the
-  prompt's last position, and whether the greedy tokens agree.
+  `-200` where the image goes) run through llama.cpp by `tinyllava_edge.llamacpp` the way the
+  edge runtime will: text tokenized by llama.cpp, the image as embedding rows from the bundle's
+  `vision.onnx`, greedy decoding. PyTorch then runs each prompt once, teacher-forced: the prompt
+  (transformers' ids) followed by llama.cpp's answer, one forward with no KV cache, which gives
+  PyTorch's logits at every step of that answer. Measured: max |logit difference| at the prompt's
+  last position, and whether PyTorch's greedy choice at every step is llama.cpp's token (then
+  PyTorch's own greedy decoding is the same answer; at the first step where it is not, the two
+  decodings part, and PyTorch's margin there says whether it is a rounding tie).
 * **Tokenizer parity.** transformers' ids against llama.cpp's on a corpus of unicode, digits,
   whitespace runs, special tokens and template text, and on the encoded prompts themselves.
 * **Input-embedding scale.** How the llama.cpp in use treats injected rows, probed once per file
@@ -210,20 +214,29 @@ def probe_embd_scale(llm: LlamaCppModel, rows: np.ndarray, ids: Sequence[int]) -
 def computed_in_fp32(model) -> Iterator[None]:
     """Run `model` (weights stored in bf16/fp16) in float32, one block's weights widened at a time.
 
-    Each block (a decoder or encoder layer, the patch embedding, the connector, the embedding
-    matrix, the output layer: the largest subtrees no bigger than the largest single module) gets
-    its weights widened just before its forward and narrowed back right after (exact: a bf16 value
-    is a float32 value). Whole blocks, not single matrices, because modules cast their inputs to
-    their children's dtype (SigLIP's patch embedding does), which must then read float32. A 3B
-    reference costs its stored bytes plus the largest block in float32, and computes what a
-    float32 copy of the same weights computes; image pixels go in as float32 too. What the checks
-    measure is then the file's rounding against float32 arithmetic, with the float32 tolerances.
+    Each block (a decoder or encoder layer, the patch embedding, the connector: the largest
+    subtrees no bigger than the largest single module left) gets its weights widened just before
+    its forward and narrowed back right after (exact: a bf16 value is a float32 value). Whole
+    blocks, not single matrices, because modules cast their inputs to their children's dtype
+    (SigLIP's patch embedding does), which must then read float32. Two matrices are never widened
+    whole, being the largest of an LLM (Phi-2: 0.5 GB each in float32): a plain `nn.Embedding`
+    looks its rows up in the stored dtype and widens only those, and the output layer (a plain
+    `nn.Linear`) widens a slice of its rows at a time. A 3B reference then costs its stored bytes
+    plus one decoder layer in float32, and computes what a float32 copy of the same weights
+    computes; image pixels go in as float32 too. What the checks measure is then the file's
+    rounding against float32 arithmetic, with the float32 tolerances.
     """
     import torch
 
+    head = model.language_model.get_output_embeddings() if hasattr(model, "language_model") else None
+    if type(head) is not torch.nn.Linear:
+        head = None
+    lookups = [m for m in model.modules() if type(m) is torch.nn.Embedding]
+    apart = {id(p) for m in [*lookups, *([head] if head is not None else [])] for p in m.parameters()}
+
     def narrow_bytes(module, recurse: bool) -> int:
         return sum(4 * p.numel() for p in module.parameters(recurse=recurse)
-                   if p.is_floating_point() and p.dtype != torch.float32)
+                   if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in apart)
 
     limit = max((narrow_bytes(m, False) for m in model.modules()), default=0)
     blocks = []
@@ -252,11 +265,27 @@ def computed_in_fp32(model) -> Iterator[None]:
         for param, data in module.__dict__.pop("_narrow_weights", []):
             param.data = data
 
+    def looked_up_in_fp32(module, args, output):
+        return output.float() if output.is_floating_point() else output
+
+    def head_in_slices(hidden):
+        weight, bias = head.weight, head.bias
+        if weight.dtype == torch.float32:
+            return torch.nn.functional.linear(hidden, weight, bias)
+        rows = max(1, limit // (4 * weight.shape[1])) if limit else weight.shape[0]
+        hidden = hidden.float()
+        return torch.cat([torch.nn.functional.linear(hidden, weight[i:i + rows].float(),
+                                                     None if bias is None else bias[i:i + rows].float())
+                          for i in range(0, weight.shape[0], rows)], dim=-1)
+
     choose(model)
     own_only = {m for m in blocks if narrow_bytes(m, True) > limit}
     handles = []
     for block in blocks:
         handles += [block.register_forward_pre_hook(widen), block.register_forward_hook(restore)]
+    handles += [m.register_forward_hook(looked_up_in_fp32) for m in lookups]
+    if head is not None:
+        head.forward = head_in_slices
     encode = model.__dict__.get("encode_images")
 
     def encode_images(pixel_values):  # the model's own casts pixels to its (narrow) dtype
@@ -271,6 +300,8 @@ def computed_in_fp32(model) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+        if head is not None:
+            del head.forward
         if encode is None:
             del model.encode_images
         else:
@@ -279,65 +310,92 @@ def computed_in_fp32(model) -> Iterator[None]:
 
 # -- LLM with images --------------------------------------------------------------------------------
 
-def torch_references(model, tokenizer, template, images: Sequence[np.ndarray], *, new_tokens: int) -> list[dict]:
-    """PyTorch's side of `compare_with_images`, run first and on its own so that the model can be
-    freed before llama.cpp maps the GGUF (the two never share memory): per image prompt its
-    messages, transformers' ids, the preprocessed pixels, greedy tokens and per-step logits."""
-    import torch
-
+def check_prompts(tokenizer, template, images: Sequence[np.ndarray], pre) -> list[dict]:
+    """The image prompts of the checks: per image its messages, transformers' ids, the
+    preprocessed pixels (`pre`, a PreprocessConfig), the image's shape and the stop ids."""
     from tinyllava_edge.data.preprocess import preprocess
-    from tinyllava_edge.export.onnx_vision import preprocess_config
-    from tinyllava_edge.memory import release_freed_memory
 
-    pre = preprocess_config(model)
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
-    references = []
+    prompts = []
     for i, image in enumerate(images):
         messages = image_prompt(i)
-        hf_ids = template.encode(messages, tokenizer, mode="eval")["input_ids"]
-        pixels = preprocess(image, pre)
-        with torch.no_grad():
-            out = model.generate(torch.tensor([hf_ids]), images=torch.from_numpy(pixels), max_new_tokens=new_tokens,
-                                 do_sample=False, eos_token_id=stop or None, pad_token_id=pad, output_logits=True,
-                                 return_dict_in_generate=True)
-        references.append({"messages": messages, "hf_ids": hf_ids, "pixels": pixels,
-                           "image_shape": list(np.asarray(image).shape), "stop": stop,
-                           "torch_tokens": out.sequences[0].tolist(),
-                           "torch_logits": [step[0].float().numpy() for step in out.logits]})
-        del out
-        # each prompt's KV cache and activations (phi2-scale: ~1.3 GiB) go back to the system before
-        # the next one; left to glibc they piled up, 7.6 GiB after one prompt and 9.1 after three
-        release_freed_memory()
-    return references
+        prompts.append({"messages": messages, "hf_ids": template.encode(messages, tokenizer, mode="eval")["input_ids"],
+                        "pixels": preprocess(image, pre), "image_shape": list(np.asarray(image).shape),
+                        "stop": stop})
+    return prompts
 
 
-def compare_with_images(references: Sequence[dict], tokenizer, template, llm: LlamaCppModel,
-                        image_rows: Sequence[np.ndarray], *, new_tokens: int, embd_scale: float,
-                        logits_tol: float) -> dict:
-    """Greedy decoding and prompt logits, torch (`torch_references`) vs llama.cpp, per image prompt.
-
-    `image_rows[i]` (N, n_embd) is the bundle's vision graph run on `references[i]["pixels"]`
-    (computed beforehand, so the graph is not in memory beside the GGUF). Both sides stop at the tokenizer's eos (or run `new_tokens`). A greedy disagreement is
-    a `tie` when, at the first differing step, torch's own logits for the two tokens are closer
-    than `logits_tol` (relative): a rounding difference may pick either.
-    """
+def llamacpp_runs(prompts: Sequence[dict], tokenizer, template, llm: LlamaCppModel,
+                  image_rows: Sequence[np.ndarray], *, new_tokens: int, embd_scale: float) -> list[dict]:
+    """llama.cpp's side of the check: per prompt its ids (llama.cpp's tokenizer), the image rows
+    it was given (`image_rows[i]`, the bundle's vision graph on the prompt's pixels, times
+    `embd_scale`), its greedy tokens (stopping at the prompt's stop ids) and the prompt's
+    last-position logits. A quantized file's check decodes the same ids and rows
+    (quant/fidelity.py), so these runs stand in for the 16-bit file there."""
     adapter = LlamaCppTokenizer(llm, tokenizer)
-    prompts = []
-    for ref, image in zip(references, image_rows, strict=True):
-        messages, hf_ids, torch_tokens, torch_logits = (ref["messages"], ref["hf_ids"], ref["torch_tokens"],
-                                                        ref["torch_logits"])
-        edge_ids = template.encode(messages, adapter, mode="eval")["input_ids"]
-        rows = np.asarray(image, dtype=np.float32) * embd_scale
-        edge_tokens, edge_logits = llm.generate(split_segments(edge_ids, [rows]), new_tokens, stop_ids=ref["stop"],
-                                                return_logits=True)
-        reference = torch_logits[0]
+    runs = []
+    for prompt, image in zip(prompts, image_rows, strict=True):
+        ids = template.encode(prompt["messages"], adapter, mode="eval")["input_ids"]
+        rows = np.asarray(image, dtype=np.float32) * np.float32(embd_scale)
+        tokens, logits = llm.generate(split_segments(ids, [rows]), new_tokens, stop_ids=prompt["stop"],
+                                      return_logits=True)
+        runs.append({"ids": ids, "rows": rows, "stop": list(prompt["stop"]), "new_tokens": new_tokens,
+                     "tokens": list(tokens),
+                     "first_logits": np.asarray(logits, dtype=np.float32)})
+    return runs
+
+
+def torch_teacher_forced(model, prompts: Sequence[dict], runs: Sequence[dict]) -> list[np.ndarray]:
+    """PyTorch's logits at each step of llama.cpp's answers: per prompt one forward, no KV cache,
+    over transformers' prompt ids followed by llama.cpp's tokens but the last; returns (k, vocab)
+    float32 per prompt, k = the answer's length, row 0 at the prompt's last position.
+
+    One pass instead of a prefill and k - 1 decoding steps: the weights are read (and widened,
+    under `computed_in_fp32`) once per prompt, and no KV cache is held. Up to the first step
+    where PyTorch's argmax is not llama.cpp's token, PyTorch's own greedy decoding would have
+    produced exactly these tokens, so the comparison is the same as two independent decodings.
+    """
+    import inspect
+
+    import torch
+
+    from tinyllava_edge.memory import release_freed_memory
+
+    keeps = "logits_to_keep" in inspect.signature(model.language_model.forward).parameters
+    out = []
+    for prompt, run in zip(prompts, runs, strict=True):
+        k = max(1, len(run["tokens"]))
+        ids = list(prompt["hf_ids"]) + list(run["tokens"][:-1])
+        extra = {"logits_to_keep": k} if keeps else {}
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), images=torch.from_numpy(prompt["pixels"]), use_cache=False,
+                           **extra).logits
+        out.append(logits[0, -k:].float().numpy().copy())
+        del logits
+        release_freed_memory()  # each prompt's activations go back to the system before the next one
+    return out
+
+
+def compare_with_images(prompts: Sequence[dict], runs: Sequence[dict], torch_logits: Sequence[np.ndarray], *,
+                        new_tokens: int, logits_tol: float) -> dict:
+    """Prompt logits and greedy tokens, llama.cpp (`llamacpp_runs`) against PyTorch
+    (`torch_teacher_forced`), per image prompt.
+
+    A greedy disagreement is a `tie` when, at the first differing step, PyTorch's own logits for
+    its choice and llama.cpp's token are closer than `logits_tol` (relative): a rounding
+    difference may pick either.
+    """
+    records = []
+    for prompt, run, logits in zip(prompts, runs, torch_logits, strict=True):
+        reference = logits[0]
         scale = max(1.0, float(np.abs(reference).max()))
-        diff = float(np.abs(edge_logits - reference).max())
+        diff = float(np.abs(run["first_logits"] - reference).max())
+        edge_tokens = run["tokens"]
+        torch_tokens = [int(t) for t in logits.argmax(-1)][:len(edge_tokens)]
         record = {
-            "question": messages[0]["value"].split("\n", 1)[1],
-            "image_shape": ref["image_shape"],
-            "prompt_ids_equal": edge_ids == hf_ids,
+            "question": prompt["messages"][0]["value"].split("\n", 1)[1],
+            "image_shape": prompt["image_shape"],
+            "prompt_ids_equal": run["ids"] == prompt["hf_ids"],
             "logits_max_abs_diff": diff,
             "logits_rel_diff": diff / scale,
             "torch_tokens": torch_tokens,
@@ -345,26 +403,22 @@ def compare_with_images(references: Sequence[dict], tokenizer, template, llm: Ll
             "greedy_identical": edge_tokens == torch_tokens,
         }
         if not record["greedy_identical"]:
-            step = next((k for k, (a, b) in enumerate(zip(torch_tokens, edge_tokens)) if a != b),
-                        min(len(torch_tokens), len(edge_tokens)))
-            record["first_difference"] = step
-            if step < min(len(torch_tokens), len(edge_tokens)):
-                logits = torch_logits[step]
-                margin = float(logits[torch_tokens[step]] - logits[edge_tokens[step]])
-                record["torch_margin"] = margin
-                record["tie"] = margin / max(1.0, float(np.abs(logits).max())) <= logits_tol
-            else:
-                record["tie"] = False  # one side stopped early: not a rounding tie
-        prompts.append(record)
+            step = next(k for k, (a, b) in enumerate(zip(torch_tokens, edge_tokens)) if a != b)
+            at = logits[step]
+            margin = float(at[torch_tokens[step]] - at[edge_tokens[step]])
+            record.update(first_difference=step, torch_margin=margin,
+                          tie=margin / max(1.0, float(np.abs(at).max())) <= logits_tol)
+        records.append(record)
     return {
-        "prompts": len(prompts),
+        "prompts": len(records),
         "new_tokens": new_tokens,
-        "logits_max_abs_diff": max(p["logits_max_abs_diff"] for p in prompts),
-        "logits_rel_diff": max(p["logits_rel_diff"] for p in prompts),
-        "greedy_identical": sum(p["greedy_identical"] for p in prompts),
-        "greedy_ties": sum(bool(p.get("tie")) for p in prompts),
-        "prompt_ids_equal": sum(p["prompt_ids_equal"] for p in prompts),
-        "per_prompt": prompts,
+        "torch_side": "teacher-forced: one forward per prompt over the prompt and llama.cpp's answer",
+        "logits_max_abs_diff": max(p["logits_max_abs_diff"] for p in records),
+        "logits_rel_diff": max(p["logits_rel_diff"] for p in records),
+        "greedy_identical": sum(p["greedy_identical"] for p in records),
+        "greedy_ties": sum(bool(p.get("tie")) for p in records),
+        "prompt_ids_equal": sum(p["prompt_ids_equal"] for p in records),
+        "per_prompt": records,
     }
 
 

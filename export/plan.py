@@ -8,7 +8,8 @@ The figures come from the checkpoint's tensor index alone (model/weights.py: no 
 and from how each stage holds memory (export/bundle.py, quant/bundle.py; the stages run one after
 another and free what they held): the vision graph is made from the float32 tower and connector;
 the LLM GGUF streams one tensor at a time; llama.cpp maps a whole GGUF; the PyTorch reference holds
-the checkpoint in its stored dtype plus one module widened to float32. `BASE` is the interpreter
+the checkpoint in its stored dtype plus one layer widened to float32 and one forward's activations
+(no KV cache: export/checks.torch_teacher_forced). `BASE` is the interpreter
 with torch, onnxruntime and llama.cpp imported, the factors are measured at bench-scale (SigLIP-
 so400m's tower, docs/bench.md "Memory"). The estimates err high where they are not measured
 (bench-scale, --bits 16: reference 5.2 GiB estimated, 4.3 measured; vision 4.9 and 4.2); the
@@ -59,7 +60,11 @@ def export_plan(checkpoint_dir: str | os.PathLike, *, bits: int, verify: bool, m
         "llama.cpp probe (the GGUF mapped)": llm_file,
     }
     if verify:
-        stages["PyTorch reference (stored dtype, one block widened)"] = stored + 2 * largest
+        block = _largest_block(numel, shape_of, text.vocab_size)
+        positions = n_tokens + 128  # the image, the question and the answer (bundle._verify_llm)
+        activations = 4 * (3 * text.num_attention_heads * positions ** 2
+                           + 4 * positions * (getattr(text, "intermediate_size", None) or 4 * text.hidden_size))
+        stages["PyTorch reference (stored dtype, one layer widened)"] = stored + block + activations
         # the vision graph's rows first (onnxruntime, no pre-packing), then llama.cpp: one at a time
         stages["checks (vision.onnx, then the GGUF mapped with an F32 KV cache)"] = max(vision32, llm_file + kv)
     if bits in (8, 4):
@@ -92,6 +97,23 @@ def check_plan(plan: dict, *, max_memory: int | None, out_dir: str | os.PathLike
         if plan["disk_bytes"] > free:
             raise TinyLlavaError(f"this export writes about {human_size(plan['disk_bytes'])} beside {out_dir} and "
                                  f"{parent} has {human_size(free)} free; free some space or choose another --out")
+
+
+def _largest_block(numel: dict[str, int], shape_of, vocab_size: int) -> int:
+    """float32 bytes of the largest thing `checks.computed_in_fp32` widens at once: a layer (the
+    tensors under one `layers.N.`), or a tensor outside the layers; the embedding and the output
+    layer (vocab_size rows) are widened a slice at a time and not counted."""
+    import re
+
+    groups: dict[str, int] = {}
+    for name, n in numel.items():
+        shape = shape_of(name)
+        if len(shape) == 2 and int(shape[0]) == vocab_size:
+            continue
+        match = re.match(r"(.*\.layers?\.\d+)\.", name)
+        key = match.group(1) if match else name
+        groups[key] = groups.get(key, 0) + n
+    return 4 * max(groups.values(), default=0)
 
 
 def _numel(shape) -> int:

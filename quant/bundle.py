@@ -48,7 +48,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                     onnx: Sequence[str] = (), vision_default: str | None = None, mmproj: str | None = "Q8_0",
                     calibration: Sequence[np.ndarray] | None = None, verify: bool = True,
                     logits_tol: float | None = None, overwrite: bool = False, progress: bool = True,
-                    keep_source_path: bool = True) -> dict:
+                    keep_source_path: bool = True, source_runs: list[dict] | None = None,
+                    link_files: bool = False) -> dict:
     """Write a copy of `bundle_dir` at `out_dir` with `llm-<quant>.gguf` instead of its F16/F32 LLM.
 
     `onnx`: vision graph schemes to add (int8, int4, int4-gptq; the last needs `calibration`,
@@ -59,7 +60,11 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     CHECK_PROMPTS synthetic image prompts with both LLM files and records the agreement; with
     `logits_tol` it also fails when the prompt logits differ by more than that, relative to the
     largest source logit. `keep_source_path` False leaves the source bundle's path out of the
-    record (a scratch bundle that will not exist). Returns {path, manifest, seconds}.
+    record (a scratch bundle that will not exist). `source_runs`: llama.cpp's runs of the source
+    LLM from the export that just wrote it (export_bundle's `llm_runs`), which the check then
+    reuses instead of decoding the source file again. `link_files`: hard-link the parts kept as
+    they are instead of copying them (a scratch source deleted afterwards; copied where the file
+    system cannot link). Returns {path, manifest, seconds}.
     """
     gguf_type(quant)
     for scheme in onnx:
@@ -84,13 +89,13 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     steps = Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
     started = time.perf_counter()
     with disk_full_is_one_sentence(final), staged_folder(final) as staging:
-        steps.start(f"copying {source.name}")
+        steps.start(f"{'linking' if link_files else 'copying'} the parts of {source.name} kept as they are")
         replaced = {llm["name"]} | ({mm[0]["name"]} if redo_mmproj else set())
         files = []
         for record in manifest["files"]:
             if record["name"] in replaced:
                 continue
-            shutil.copyfile(source / record["name"], staging / record["name"])
+            _copy(source / record["name"], staging / record["name"], link_files)
             files.append(dict(record))
         steps.start(f"{llm['name']} -> llm-{quant}.gguf (llama.cpp quantizer)")
         llm_path = staging / f"llm-{quant}.gguf"
@@ -130,11 +135,13 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
             raise TinyLlavaError(f"vision_default {new_manifest['vision_default']!r} names no vision graph of the "
                                  "bundle")
         if verify:
-            steps.start(f"checking llm-{quant}.gguf against {llm['name']} on {CHECK_PROMPTS} image prompts")
+            n_check = len(source_runs) if source_runs else CHECK_PROMPTS
+            reused = " (its runs reused from the export's check)" if source_runs else ""
+            steps.start(f"checking llm-{quant}.gguf against {llm['name']}{reused} on {n_check} image prompts")
             from tinyllava_edge.quant.fidelity import compare_llm_files
 
             fidelity = compare_llm_files(manifest, source, source / llm["name"], llm_path, CHECK_PROMPTS,
-                                         CHECK_TOKENS)
+                                         CHECK_TOKENS, source_runs=source_runs or None)
             record_of["llm"]["fidelity"] = fidelity
             if logits_tol is not None and fidelity["logits_rel_diff"] > logits_tol:
                 raise TinyLlavaError(
@@ -158,6 +165,16 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         replace_folder(staging, final)
         steps.done()
     return {"path": str(final), "manifest": new_manifest, "seconds": time.perf_counter() - started}
+
+
+def _copy(source: Path, target: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another file system, or one without hard links: copy
+    shutil.copyfile(source, target)
 
 
 def _index(records: list[dict], name: str) -> int:
@@ -209,8 +226,11 @@ def export_quantized(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
                                  progress=progress, plan=plan, **export_options)
         if progress:  # the export's steps came first; the quantization's are numbered anew
             print(f"the 16-bit bundle -> {bits} bits:", file=sys.stderr, flush=True)
+        # the scratch bundle goes when this block ends: its kept parts are linked, not copied, and
+        # its LLM's check runs stand in for decoding it again
         result = quantize_to_bits(exported["path"], final, bits, verify=verify, overwrite=overwrite,
-                                  progress=progress, keep_source_path=False)
+                                  progress=progress, keep_source_path=False, source_runs=exported["llm_runs"],
+                                  link_files=True)
     return {**result, "seconds": time.perf_counter() - started, "export": exported}
 
 

@@ -123,6 +123,67 @@ def test_bf16_reference_stays_bf16_and_computes_like_float32(bf16_ckpt):
     assert "encode_images" not in stored.__dict__
 
 
+def test_bf16_reference_never_widens_the_embedding_or_the_output_layer_whole(bf16_ckpt):
+    """The two vocabulary-sized matrices (Phi-2: 0.5 GB each in float32) stay in their stored dtype
+    during the forward: the embedding widens the rows it looked up, the output layer a slice of
+    its rows at a time; what comes out is still what a float32 copy computes."""
+    stored = load_checkpoint(bf16_ckpt, dtype="auto", keep_buffers=True)
+    widened = load_checkpoint(bf16_ckpt)
+    embed, head = stored.get_input_embeddings(), stored.language_model.get_output_embeddings()
+    seen, largest = [], [0]
+    real_float = torch.Tensor.float
+
+    def watch_float(tensor, *args, **kwargs):  # every widening made inside the context
+        largest[0] = max(largest[0], tensor.numel())
+        return real_float(tensor, *args, **kwargs)
+
+    def record(module, args):
+        seen.append((module, module.weight.dtype))
+
+    hooks = [embed.register_forward_pre_hook(record)]
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad(), computed_in_fp32(stored):
+        torch.Tensor.float = watch_float
+        try:
+            got = stored.language_model(input_ids=ids).logits
+        finally:
+            torch.Tensor.float = real_float
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        want = widened.language_model(input_ids=ids).logits
+    assert seen == [(embed, torch.bfloat16)]
+    layer = sum(p.numel() for p in stored.language_model.model.layers[0].parameters())
+    assert largest[0] < head.weight.numel() and largest[0] <= layer  # no matrix of the vocabulary's size widened
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_teacher_forced_reference_equals_greedy_decoding(bf16_ckpt):
+    """One forward over the prompt and an answer gives, at every step, the logits that greedy
+    decoding (prefill, then one token at a time through the KV cache) gives for that answer."""
+    from tinyllava_edge.data.template import default_template_for_family, get_template
+    from tinyllava_edge.export.checks import check_prompts, synthetic_images, torch_teacher_forced
+    from tinyllava_edge.export.onnx_vision import preprocess_config
+    from tinyllava_edge.model import load_tokenizer
+
+    model = load_checkpoint(bf16_ckpt, dtype="auto", keep_buffers=True)
+    tokenizer = load_tokenizer(bf16_ckpt)
+    template = get_template(default_template_for_family(model.config.text_config.model_type))
+    prompts = check_prompts(tokenizer, template, synthetic_images(2), preprocess_config(model))
+    with torch.no_grad(), computed_in_fp32(model):
+        decoded = [model.generate(torch.tensor([p["hf_ids"]]), images=torch.from_numpy(p["pixels"]),
+                                  max_new_tokens=5, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True, eos_token_id=None,
+                                  pad_token_id=tokenizer.pad_token_id or 0) for p in prompts]
+        runs = [{"tokens": d.sequences[0].tolist()} for d in decoded]
+        forced = torch_teacher_forced(model, prompts, runs)
+    for d, run, logits in zip(decoded, runs, forced):
+        steps = np.stack([s[0].float().numpy() for s in d.logits])
+        assert logits.shape == steps.shape == (5, steps.shape[1])
+        assert np.abs(logits - steps).max() <= 1e-4 * max(1.0, np.abs(steps).max())
+        assert logits.argmax(-1).tolist() == run["tokens"]
+
+
 def test_bf16_checkpoint_exports_and_passes_the_checks(bf16_ckpt, tmp_path):
     result = export_bundle(bf16_ckpt, tmp_path / "b", bits=16, progress=False, check_images=1, check_tokens=4)
     v = result["manifest"]["validation"]["llm"]

@@ -165,6 +165,9 @@ def test_export_bits_produces_valid_bundle(wide, bits, tmp_path):
         assert result["export"]["manifest"]["validation"]["llm"]["prompts"] == 1
         fidelity = manifest["quantization"]["llm"]["fidelity"]
         assert fidelity["logits_rel_diff"] <= BIT_PRESETS.get("8").logits_tol
+        # the F16 file is not decoded twice: the quantized check reuses the export's llama.cpp runs
+        assert fidelity["source_runs"] == "the export's check (reused)" and fidelity["prompts"] == 1
+        assert fidelity["new_tokens"] == 2
     vlm = tinyllava_edge.load(result["path"], device="cpu", n_threads=1)
     assert vlm.info()["vision"] == f"vision-{manifest['vision_default']}.onnx".replace("vision-fp32", "vision")
     image = np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8)
@@ -174,6 +177,48 @@ def test_export_bits_produces_valid_bundle(wide, bits, tmp_path):
     again = read_manifest(quantize_to_bits(wide["bundle"], tmp_path / "q", bits, verify=False, progress=False)["path"])
     assert [(f["name"], f["quant"]) for f in again["files"]] == [(f["name"], f["quant"]) for f in manifest["files"]]
     assert again["vision_default"] == manifest["vision_default"]
+
+
+def test_reused_source_runs_are_what_decoding_the_source_gives(wide, tmp_path):
+    """The export's llama.cpp runs stand in for the source file in the quantized check: decoding
+    their ids and rows with the source file itself must give the same tokens and logits exactly
+    (a different scale, stop list or prompt would show here), and the check of a file against
+    those runs then finds no difference."""
+    from tinyllava_edge.data.preprocess import PreprocessConfig
+    from tinyllava_edge.data.template import Template
+    from tinyllava_edge.export.checks import check_prompts, llamacpp_runs, synthetic_images
+    from tinyllava_edge.model import load_tokenizer
+    from tinyllava_edge.quant.fidelity import compare_llm_files
+
+    bundle = wide["bundle"]
+    manifest = read_manifest(bundle)
+    llm_file = bundle / "llm-F16.gguf"
+    tokenizer = load_tokenizer(wide["ckpt"])
+    template = Template.from_dict(manifest["template"])
+    prompts = check_prompts(tokenizer, template, synthetic_images(2), PreprocessConfig.from_dict(manifest["preprocess"]))
+    rows = [np.random.default_rng(i).normal(size=(9, 256)).astype(np.float32) for i in range(2)]
+    with LlamaCppModel(llm_file, n_ctx=256, n_threads=1, kv_type="f32", flash_attn="off") as llm:
+        runs = llamacpp_runs(prompts, tokenizer, template, llm, rows, new_tokens=4, embd_scale=1.0)
+    same = compare_llm_files(manifest, bundle, llm_file, llm_file, 4, 8, source_runs=runs)
+    assert same["source_runs"] == "the export's check (reused)" and same["prompts"] == 2 and same["new_tokens"] == 4
+    assert same["greedy_token_agreement"] == 100.0 and same["answers_identical"] == 2
+    assert same["logits_rel_diff"] == 0.0
+    quantize_gguf(llm_file, tmp_path / "q4.gguf", "Q4_0")
+    moved = compare_llm_files(manifest, bundle, llm_file, tmp_path / "q4.gguf", 4, 8, source_runs=runs)
+    assert moved["logits_rel_diff"] > 0.0  # a different file is measured against the runs, not the runs themselves
+
+
+def test_quantize_links_the_kept_parts_of_a_scratch_source(wide, tmp_path):
+    from tinyllava_edge.quant.bundle import quantize_bundle
+
+    out = quantize_bundle(wide["bundle"], tmp_path / "q", quant="Q8_0", verify=False, progress=False,
+                          link_files=True)["path"]
+    kept = Path(out) / "vision.onnx"
+    assert kept.stat().st_ino == (wide["bundle"] / "vision.onnx").stat().st_ino
+    copied = quantize_bundle(wide["bundle"], tmp_path / "c", quant="Q8_0", verify=False, progress=False)["path"]
+    assert (Path(copied) / "vision.onnx").stat().st_ino != kept.stat().st_ino
+    read_manifest(out)
+    read_manifest(copied)
 
 
 def test_quantized_check_fails_beyond_the_tolerance(wide, tmp_path):

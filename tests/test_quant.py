@@ -117,6 +117,22 @@ def test_onnx_variants_valid_and_close(wide, scheme, tmp_path):
     assert figures["mean_token_cosine"] >= ONNX_MIN_COSINE[scheme], figures
 
 
+def test_proxy_scenes_scale_with_the_towers_tokens(wide, tmp_path):
+    from tinyllava_edge.data.preprocess import PreprocessConfig
+    from tinyllava_edge.quant.vision import PROXY_IMAGES, proxy_images, vision_variants
+
+    assert proxy_images(9) == PROXY_IMAGES == 16  # tiny-shapes: every scene
+    assert proxy_images(729) == 4 and proxy_images(196) == 11 and proxy_images(None) == 16
+    manifest = read_manifest(wide["bundle"])
+    fp32 = next(f for f in manifest["files"] if f["role"] == "vision")
+    import shutil
+
+    shutil.copyfile(wide["bundle"] / "vision.onnx", tmp_path / "vision.onnx")
+    out = vision_variants(tmp_path, {**fp32, "n_tokens": 1024}, PreprocessConfig.from_dict(manifest["preprocess"]),
+                          ["int8"])
+    assert out["validation"]["int8"]["images"] == 4 and "on 4 drawn shapes scenes" in out["validation"]["int8"]["proxy"]
+
+
 @pytest.mark.parametrize("scheme", TORCH_SCHEMES.keys())
 def test_bnb_layers_present_after_loading(wide, scheme):
     from tinyllava_edge.model.bnb import GPTQ_REASON, load_quantized, quantized_layers

@@ -386,3 +386,21 @@ def test_int4_scheme_stores_the_patch_convolution_as_int8(ckpt, tmp_path):
     cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
     assert cos.min() > 0.9999, cos.min()
     assert np.abs(got - want).max() > 0  # the convolution did change
+
+
+def test_plan_counts_one_layer_widened_and_never_the_vocabulary_matrices():
+    from tinyllava_edge.export.plan import _largest_block
+
+    shapes = {
+        "language_model.model.embed_tokens.weight": (1000, 64),
+        "language_model.lm_head.weight": (1000, 64),
+        "language_model.model.layers.0.mlp.up_proj.weight": (256, 64),
+        "language_model.model.layers.0.mlp.down_proj.weight": (64, 256),
+        "language_model.model.layers.1.mlp.up_proj.weight": (256, 64),
+        "vision_tower._vision_tower.vision_model.encoder.layers.0.fc1.weight": (128, 32),
+        "connector._connector.0.weight": (64, 300),
+    }
+    numel = {k: int(np.prod(v)) for k, v in shapes.items()}
+    # layer 0 of the LLM (2 x 256 x 64) is the largest block; the 1000-row matrices are left out
+    assert _largest_block(numel, shapes.get, 1000) == 4 * 2 * 256 * 64
+    assert _largest_block(numel, shapes.get, 999) == 4 * 1000 * 64  # any other tensor of that size counts

@@ -49,7 +49,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                     calibration: Sequence[np.ndarray] | None = None, verify: bool = True,
                     logits_tol: float | None = None, overwrite: bool = False, progress: bool = True,
                     keep_source_path: bool = True, source_runs: list[dict] | None = None,
-                    link_files: bool = False) -> dict:
+                    take_files: bool = False) -> dict:
     """Write a copy of `bundle_dir` at `out_dir` with `llm-<quant>.gguf` instead of its F16/F32 LLM.
 
     `onnx`: vision graph schemes to add (int8, int4, int4-gptq; the last needs `calibration`,
@@ -62,9 +62,10 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     largest source logit. `keep_source_path` False leaves the source bundle's path out of the
     record (a scratch bundle that will not exist). `source_runs`: llama.cpp's runs of the source
     LLM from the export that just wrote it (export_bundle's `llm_runs`), which the check then
-    reuses instead of decoding the source file again. `link_files`: hard-link the parts kept as
-    they are instead of copying them (a scratch source deleted afterwards; copied where the file
-    system cannot link). Returns {path, manifest, seconds}.
+    reuses instead of decoding the source file again. `take_files`: move the parts kept as they
+    are out of the source instead of copying them (a scratch source, deleted afterwards; copied
+    across file systems). Not hard links: onnx refuses external data with more than one link.
+    Returns {path, manifest, seconds}.
     """
     gguf_type(quant)
     for scheme in onnx:
@@ -89,13 +90,13 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     steps = Steps(2 + redo_mmproj + bool(onnx) + verify + 1, progress)
     started = time.perf_counter()
     with disk_full_is_one_sentence(final), staged_folder(final) as staging:
-        steps.start(f"{'linking' if link_files else 'copying'} the parts of {source.name} kept as they are")
+        steps.start(f"{'moving' if take_files else 'copying'} the parts of {source.name} kept as they are")
         replaced = {llm["name"]} | ({mm[0]["name"]} if redo_mmproj else set())
         files = []
         for record in manifest["files"]:
             if record["name"] in replaced:
                 continue
-            _copy(source / record["name"], staging / record["name"], link_files)
+            _copy(source / record["name"], staging / record["name"], take_files)
             files.append(dict(record))
         steps.start(f"{llm['name']} -> llm-{quant}.gguf (llama.cpp quantizer)")
         llm_path = staging / f"llm-{quant}.gguf"
@@ -140,7 +141,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
             steps.start(f"checking llm-{quant}.gguf against {llm['name']}{reused} on {n_check} image prompts")
             from tinyllava_edge.quant.fidelity import compare_llm_files
 
-            fidelity = compare_llm_files(manifest, source, source / llm["name"], llm_path, CHECK_PROMPTS,
+            # the vision graph, when the prompts are made here, from the new bundle (a taken source lacks it)
+            fidelity = compare_llm_files(manifest, staging, source / llm["name"], llm_path, CHECK_PROMPTS,
                                          CHECK_TOKENS, source_runs=source_runs or None)
             record_of["llm"]["fidelity"] = fidelity
             if logits_tol is not None and fidelity["logits_rel_diff"] > logits_tol:
@@ -167,13 +169,13 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     return {"path": str(final), "manifest": new_manifest, "seconds": time.perf_counter() - started}
 
 
-def _copy(source: Path, target: Path, link: bool) -> None:
-    if link:
+def _copy(source: Path, target: Path, move: bool) -> None:
+    if move:
         try:
-            os.link(source, target)
+            os.replace(source, target)
             return
         except OSError:
-            pass  # another file system, or one without hard links: copy
+            pass  # another file system: copy
     shutil.copyfile(source, target)
 
 
@@ -226,11 +228,11 @@ def export_quantized(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLi
                                  progress=progress, plan=plan, **export_options)
         if progress:  # the export's steps came first; the quantization's are numbered anew
             print(f"the 16-bit bundle -> {bits} bits:", file=sys.stderr, flush=True)
-        # the scratch bundle goes when this block ends: its kept parts are linked, not copied, and
+        # the scratch bundle goes when this block ends: its kept parts are moved, not copied, and
         # its LLM's check runs stand in for decoding it again
         result = quantize_to_bits(exported["path"], final, bits, verify=verify, overwrite=overwrite,
                                   progress=progress, keep_source_path=False, source_runs=exported["llm_runs"],
-                                  link_files=True)
+                                  take_files=True)
     return {**result, "seconds": time.perf_counter() - started, "export": exported}
 
 

@@ -404,3 +404,30 @@ def test_plan_counts_one_layer_widened_and_never_the_vocabulary_matrices():
     # layer 0 of the LLM (2 x 256 x 64) is the largest block; the 1000-row matrices are left out
     assert _largest_block(numel, shapes.get, 1000) == 4 * 2 * 256 * 64
     assert _largest_block(numel, shapes.get, 999) == 4 * 1000 * 64  # any other tensor of that size counts
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/maps: Linux")
+def test_dropping_a_files_mapped_pages_lowers_rss_and_keeps_the_data(tmp_path):
+    import mmap
+
+    from tinyllava_edge.memory import drop_mapped_pages
+
+    def rss_file() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile"))
+
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(0).integers(0, 256, 64 * 2**20, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(mapped, dtype=np.uint8)
+    assert int(view[::4096].sum()) >= 0  # every page touched
+    before = rss_file()
+    assert drop_mapped_pages(path) >= len(data)
+    after = rss_file()
+    assert before - after >= 48 * 2**20, (before, after)
+    assert np.array_equal(view, data)  # read again from the page cache, unchanged
+    del view
+    mapped.close()
+    assert drop_mapped_pages(tmp_path / "not-mapped.bin") == 0

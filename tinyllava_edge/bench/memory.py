@@ -123,7 +123,10 @@ def markdown_table(result: dict) -> str:
 
 
 def _answer(bundle: str, out: str, tokens: int) -> None:
-    """Load `bundle`, answer one question about a 384 px image; write the figures to `out`."""
+    """Load `bundle`, answer one question about a 384 px image; write the figures to `out`: load
+    and answer times, resident memory after each, and what it may be held against: the bytes of
+    the files the runtime uses (its vision graph, external data included, and the LLM GGUF) plus
+    the KV cache it allocated and the prefix states it stored."""
     import numpy as np
 
     from tinyllava_edge import load
@@ -136,9 +139,31 @@ def _answer(bundle: str, out: str, tokens: int) -> None:
     started = time.perf_counter()
     vlm.generate(image, "What is in the picture?", max_new_tokens=tokens)
     answer_s = time.perf_counter() - started
-    Path(out).write_text(json.dumps({"load_s": round(load_s, 2), "rss_after_load": after_load,
-                                     "answer_s": round(answer_s, 2), "answer_tokens": tokens,
-                                     "peak_in_process": peak_rss_bytes()}), encoding="utf-8")
+    after_answer = rss_bytes() or peak_rss_bytes()
+    info = vlm.info()
+    folder = Path(bundle)
+    vision = folder / info["vision"]
+    used = [vision, *[folder / e for e in _external_data(vision)], folder / info["llm"]]
+    files = sum(p.stat().st_size for p in used)
+    kv = int(info["kv_cache_mb"] * 2**20)
+    store = vlm.backend.llm.prefix_store.bytes
+    allowed = files + kv + store
+    Path(out).write_text(json.dumps({
+        "load_s": round(load_s, 2), "rss_after_load": after_load, "answer_s": round(answer_s, 2),
+        "answer_tokens": tokens, "rss_after_answer": after_answer, "peak_in_process": peak_rss_bytes(),
+        "files_used": [p.name for p in used], "files_bytes": files, "kv_cache_bytes": kv, "kv_type": info["kv_type"],
+        "n_ctx": info["n_ctx"], "prefix_store_bytes": store, "image_tokens": info["image_tokens"],
+        "ratio_after_load": round(after_load / allowed, 3), "ratio_after_answer": round(after_answer / allowed, 3),
+    }), encoding="utf-8")
+
+
+def _external_data(graph: Path) -> list[str]:
+    """Names of the files `graph`'s initializers keep their data in (none for an inline graph)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    names = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return sorted(names)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def load_run(url: str, pid: int, workers: int, clients: int, requests: int, ques
     return run
 
 
-def follow_up_ratio(url: str, model: Path, questions, max_tokens: int, threads: int) -> dict:
+def follow_up_ratio(url: str, model: Path, questions, max_tokens: int, threads: int | None) -> dict:
     """Median TTFT of first questions (fresh images) and of their follow-ups, through the API; and
     the same pairs in process (ChatSession), what the runtime itself reaches without HTTP. The
     spread is the quartiles of each pair's own ratio."""
@@ -245,7 +245,7 @@ def _histogram(client, url: str, name: str) -> tuple[float, float]:
     return float(values[name + "_sum"]), float(values[name + "_count"])
 
 
-def decode_floor(url: str, model: Path, questions, tokens: int, threads: int, rounds: int = 5) -> dict:
+def decode_floor(url: str, model: Path, questions, tokens: int, threads: int | None, rounds: int = 5) -> dict:
     """Decode tokens/s through the server against ``VLM.generate`` in this process, on the same
     prompts (the server's image decoding, greedy, `tokens` tokens each: ignore_eos through the API,
     stop tokens cleared here). Both count from the first token to the last: the client from the
@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                      "runs": [], "floors": {}}
     failures = []
     for workers in args.workers:
-        threads = args.threads or max(1, cores // workers)
+        # in process, the threads the server's workers get: the runtime's own choice for one worker
+        # (which may decode a tiny model on one thread), a share of the cores for several
+        threads = args.threads or (max(1, cores // workers) if workers > 1 else None)
         proc, url = start_server(args.model, workers, args.threads, max(args.clients) * 2, args.log)
         try:
             load_run(url, proc.pid, workers, 1, 2, questions, args.max_tokens)  # warm-up, not counted

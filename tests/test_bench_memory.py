@@ -69,6 +69,10 @@ def test_memory_measures_every_stage_of_a_checkpoint(tmp_path):
     assert any(r["stage"].startswith("export: ") for r in result["stages"][1]["per_stage"])
     answer = result["stages"][3]
     assert answer["answer_tokens"] == 2 and answer["rss_after_load"] > 0
+    # what the floor holds the answer's memory against: the files the runtime used, its KV cache
+    assert answer["files_used"][-1].startswith("llm-") and answer["files_bytes"] > 0 and answer["kv_cache_bytes"] > 0
+    allowed = answer["files_bytes"] + answer["kv_cache_bytes"] + answer["prefix_store_bytes"]
+    assert answer["ratio_after_answer"] == round(answer["rss_after_answer"] / allowed, 3)
     table = markdown_table(result)
     assert table.count("\n| ") == 5 and "export --bits 4" in table
     assert not any((tmp_path / "cache" / "memory" / "ckpt" / b).exists() for b in ("bundle-F16", "bundle-Q4"))

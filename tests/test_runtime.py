@@ -414,6 +414,28 @@ def test_generate_batch_encodes_images_together(edge, images):
         None, "Hi", max_new_tokens=2)]
 
 
+def test_a_tiny_llm_decodes_on_one_thread_and_prefills_on_all(paths, images):
+    """llamacpp.SMALL_LLM_BYTES: below it the runtime's own thread choice decodes one token at a
+    time on one thread; the prompt's batches keep every thread; a caller's count stands."""
+    import llama_cpp
+
+    from tinyllava_edge.llamacpp import SMALL_LLM_BYTES
+
+    bundle = paths["bundle"]
+    assert all(f.stat().st_size < SMALL_LLM_BYTES for f in Path(bundle).glob("llm-*.gguf"))
+    with tinyllava_edge.load(bundle, device="cpu") as vlm:
+        llm = vlm.backend.llm
+        if llm.n_threads > 1:
+            assert llama_cpp.llama_n_threads(llm._ctx) == 1
+            assert llama_cpp.llama_n_threads_batch(llm._ctx) == llm.n_threads
+        llm.set_threads(2)
+        assert llama_cpp.llama_n_threads(llm._ctx) == 1 and llama_cpp.llama_n_threads_batch(llm._ctx) == 2
+        assert vlm.info()["decode_threads"] == 1
+        assert isinstance(vlm.generate(images[0], "What is it?", max_new_tokens=3), str)
+    with tinyllava_edge.load(bundle, device="cpu", n_threads=2) as vlm:
+        assert llama_cpp.llama_n_threads(vlm.backend.llm._ctx) == 2 and vlm.info()["decode_threads"] == 2
+
+
 def test_stats(edge, images):
     _, stats = edge.generate(images[3], "Describe it.", max_new_tokens=8, temperature=1.0, seed=1,
                                 return_stats=True)

@@ -28,7 +28,14 @@ from tinyllava_edge.data.preprocess import PreprocessConfig
 from tinyllava_edge.data.template import Template, get_template
 from tinyllava_edge.errors import TinyLlavaError
 from tinyllava_edge.hub import model_name
-from tinyllava_edge.llamacpp import FLASH_ATTN, KV_TYPES, QUANTIZED_KV, LlamaCppModel, LlamaCppTokenizer
+from tinyllava_edge.llamacpp import (
+    FLASH_ATTN,
+    KV_TYPES,
+    QUANTIZED_KV,
+    SMALL_LLM_BYTES,
+    LlamaCppModel,
+    LlamaCppTokenizer,
+)
 from tinyllava_edge.runtime.backend import check_options, check_segments, stop_token_ids
 from tinyllava_edge.runtime.devices import TENSORRT_EP, detect, plan_device
 from tinyllava_edge.runtime.threads import FreeCores
@@ -189,9 +196,12 @@ class EdgeBackend:
         release_freed_memory()
         self.vision_file = vision_file["name"]
         self.prefix_reuse = prefix_mb > 0
+        # a tiny LLM decodes fastest on one thread (llamacpp.SMALL_LLM_BYTES); a caller's thread count stands
+        small = (options.get("n_threads") is None and self.plan.n_gpu_layers == 0
+                 and llm_path.stat().st_size < SMALL_LLM_BYTES)
         self.llm = LlamaCppModel(llm_path, n_ctx=self.plan.n_ctx, n_threads=self.plan.n_threads,
                                  n_gpu_layers=self.plan.n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
-                                 prefix_cache_bytes=int(prefix_mb * 2**20))
+                                 prefix_cache_bytes=int(prefix_mb * 2**20), decode_threads=1 if small else None)
         self.llm_file = llm_file["name"]
         self.kv_type, self.flash_attn = kv_type, flash_attn
         # Threads follow the free cores only when the caller did not fix them, and only on the CPU
@@ -284,6 +294,7 @@ class EdgeBackend:
             "kv_type": self.kv_type,
             "kv_cache_mb": self.llm.kv_bytes / 2**20,
             "llm_threads": self.llm.n_threads,
+            "decode_threads": self.llm._one_token_threads(self.llm.n_threads),
             "adaptive_threads": self.free_cores is not None,
             "flash_attn": self.flash_attn,
             "prefix_cache_mb": self.llm.prefix_store.capacity / 2**20,

@@ -261,6 +261,11 @@ class LlamaCppModel:
     def _one_token_threads(self, n_threads: int) -> int:
         return min(n_threads, self.decode_threads) if self.decode_threads else n_threads
 
+    @property
+    def one_token_threads(self) -> int:
+        """Threads a one-token decode runs on now."""
+        return self._one_token_threads(self.n_threads)
+
     def _need_ctx(self):
         if self._ctx is None:
             raise TinyLlavaError(f"{self.path} was loaded vocab-only (or closed); it has no context to decode in")

@@ -142,8 +142,9 @@ def _answer(bundle: str, out: str, tokens: int) -> None:
     after_answer = rss_bytes() or peak_rss_bytes()
     info = vlm.info()
     folder = Path(bundle)
-    vision = folder / info["vision"]
-    used = [vision, *[folder / e for e in _external_data(vision)], folder / info["llm"]]
+    record = next(f for f in json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["files"]
+                  if f["name"] == info["vision"])
+    used = [folder / info["vision"], *[folder / e for e in record.get("external_data") or []], folder / info["llm"]]
     files = sum(p.stat().st_size for p in used)
     kv = int(info["kv_cache_mb"] * 2**20)
     store = vlm.backend.llm.prefix_store.bytes
@@ -155,15 +156,6 @@ def _answer(bundle: str, out: str, tokens: int) -> None:
         "n_ctx": info["n_ctx"], "prefix_store_bytes": store, "image_tokens": info["image_tokens"],
         "ratio_after_load": round(after_load / allowed, 3), "ratio_after_answer": round(after_answer / allowed, 3),
     }), encoding="utf-8")
-
-
-def _external_data(graph: Path) -> list[str]:
-    """Names of the files `graph`'s initializers keep their data in (none for an inline graph)."""
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
-    names = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
-    return sorted(names)
 
 
 if __name__ == "__main__":

@@ -294,7 +294,7 @@ class EdgeBackend:
             "kv_type": self.kv_type,
             "kv_cache_mb": self.llm.kv_bytes / 2**20,
             "llm_threads": self.llm.n_threads,
-            "decode_threads": self.llm._one_token_threads(self.llm.n_threads),
+            "decode_threads": self.llm.one_token_threads,
             "adaptive_threads": self.free_cores is not None,
             "flash_attn": self.flash_attn,
             "prefix_cache_mb": self.llm.prefix_store.capacity / 2**20,

@@ -9,6 +9,7 @@ from the colour-first captions (a share of the images, drawn per image from the 
     python docs/experiments/stage1_caption_variants.py --seed 0 --out /tmp/v --phases \
         '[{"share": 0.0, "steps": 1200, "batch": 16}, {"share": 0.75, "steps": 600, "batch": 32}]'   # B
     ... --phases '[{"share": 0.5, "steps": 1600, "batch": 32, "form": "is"}]'                       # C
+    ... --phases '[{"share": 0.5, "steps": 1600, "batch": 32}]' --heads 8                           # D
 """
 import os, sys, json, time, argparse
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
@@ -20,7 +21,15 @@ p.add_argument("--seed", type=int, required=True)
 p.add_argument("--out", required=True)
 p.add_argument("--phases", required=True, help='[{"share":0.0,"steps":1200,"batch":16}, ...]')
 p.add_argument("--s2", default="{}")
+p.add_argument("--heads", type=int, default=None, help="the LLM's attention heads (the preset's: 4)")
 a = p.parse_args()
+
+if a.heads:
+    import dataclasses
+    from tinyllava_edge.model import presets
+    base = presets.PRESETS["tiny-shapes"]
+    presets.PRESETS["tiny-shapes"] = dataclasses.replace(
+        base, text={**base.text, "num_attention_heads": a.heads, "num_key_value_heads": a.heads})
 
 from tinyllava_edge.data.shapes import write_dataset
 from tinyllava_edge.data.shapes_tokenizer import train_shapes_tokenizer

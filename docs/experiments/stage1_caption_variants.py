@@ -9,7 +9,9 @@ from the colour-first captions (a share of the images, drawn per image from the 
     python docs/experiments/stage1_caption_variants.py --seed 0 --out /tmp/v --phases \
         '[{"share": 0.0, "steps": 1200, "batch": 16}, {"share": 0.75, "steps": 600, "batch": 32}]'   # B
     ... --phases '[{"share": 0.5, "steps": 1600, "batch": 32, "form": "is"}]'                       # C
+    ... --phases '[{"share": 0.5, "steps": 1600, "batch": 32}]'                                     # A
     ... --phases '[{"share": 0.5, "steps": 1600, "batch": 32}]' --heads 8                           # D
+    ... --phases '[{"share": 0.25, "steps": 1600, "batch": 32}]'                                    # E
 """
 import os, sys, json, time, argparse
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")

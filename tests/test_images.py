@@ -1,6 +1,6 @@
 """The one policy for reading images (tinyllava_edge/data/images.py): a truncated file is refused
 with one sentence naming it unless the caller allows it; allowed, it decodes with the rest blank.
-Every entry point's use of it is in tests/test_bad_inputs.py."""
+Every entry point's use of it is in tests/bad_inputs/test_bad_images.py."""
 
 from __future__ import annotations
 

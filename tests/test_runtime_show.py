@@ -367,7 +367,7 @@ def test_bad_images_prompts_and_devices(paths, edge, tmp_path):
     with pytest.raises(TinyLlavaError, match="cannot be read as an image|is a directory|not a file") as info:
         edge.generate(tmp_path, "What?", max_new_tokens=2)
     print(f"\nimage is a directory: {_one_sentence(info)}")
-    # a truncated file is refused unless allowed (data/images.py; allowed: tests/test_bad_inputs.py)
+    # a truncated file is refused unless allowed (data/images.py; allowed: tests/bad_inputs/test_bad_images.py)
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(paths["png"].read_bytes()[:200])
     with pytest.raises(TinyLlavaError, match="is truncated .*--allow-truncated-images") as info:

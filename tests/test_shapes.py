@@ -318,12 +318,14 @@ def test_instruct_conversations_hold_every_question_and_the_caption(written):
     out, summary = written
     instruct = json.loads((out / "instruct.json").read_text())
     train = json.loads((out / "train.json").read_text())
-    captions = {r["image"]: r["conversations"][1]["value"] for r in json.loads((out / "pretrain.json").read_text())}
+    stage1 = {r["image"]: r["conversations"][1]["value"] for r in json.loads((out / "pretrain.json").read_text())}
+    captions = {s.image_file: s.caption for s in shapes.generate("train", 60, seed=3, image_size=48)}
     assert len(instruct) == summary["counts"]["instruct"]["records"] == 60
     singles = Counter((r["image"], r["conversations"][0]["value"].removeprefix("<image>\n"),
                        r["conversations"][1]["value"]) for r in train)
     pairs = Counter()
     extra = Counter()
+    forms = Counter()  # True: stage 1 has the colour-first caption of the image, False: the shape-first form
     for r in instruct:
         assert set(r) == {"id", "image", "conversations", "kinds"}
         turns = r["conversations"]
@@ -338,8 +340,9 @@ def test_instruct_conversations_hold_every_question_and_the_caption(written):
             question = q["value"].removeprefix("<image>\n")
             assert (question, a["value"]) not in seen  # no turn asked twice
             seen.add((question, a["value"]))
-            if kind == "caption":
+            if kind == "caption":  # always the colour-first caption, whatever form stage 1 has
                 assert a["value"] == captions[r["image"]]
+                forms[stage1[r["image"]] == captions[r["image"]]] += 1
             elif kind == "where":
                 extra[kind] += 1
                 colour, shape = question.removeprefix("Where is the ").removesuffix("?").split()
@@ -351,6 +354,31 @@ def test_instruct_conversations_hold_every_question_and_the_caption(written):
                 extra[kind] += 1
     assert pairs == singles  # every single-turn train question, each once
     assert extra["where"] > len(instruct) and extra["exists"] > len(instruct) / 2
+    assert forms[False] > 0 and forms[True] > forms[False] and sum(forms.values()) == len(instruct), forms
+
+
+def test_stage1_names_a_quarter_of_the_images_shape_first_without_cells(written):
+    """pretrain.json: each image's caption (colour first, with cells) or, drawn per image, the same
+    objects in the same order named shape first without cells: the "find by shape, read the colour"
+    lookup that colour questions need, kept apart from the cell lookup."""
+    out, _ = written
+    stage1 = json.loads((out / "pretrain.json").read_text())
+    by_image = _by_image(shapes.generate("train", 60, seed=3, image_size=48))
+    shape_first = 0
+    for r in stage1:
+        s = by_image[int(r["image"].removeprefix("images/train_").removesuffix(".png"))]
+        text = r["conversations"][1]["value"]
+        if text == s.caption:
+            continue
+        shape_first += 1
+        named = [part.split(" ") for part in text.removesuffix(".").split(", ")]
+        assert [(shape, colour) for shape, colour in named] == [(o[0], o[1]) for o in caption_objects(s.caption)], text
+    # one draw per train image, in order, from the stream [seed, 777] (the tenth look's files)
+    draws = np.random.default_rng([3, 777]).random(len(stage1))
+    assert shape_first == int((draws < shapes.SHAPE_FIRST_SHARE).sum()) > 0
+    assert shapes.SHAPE_FIRST_SHARE == 0.25
+    assert shapes.shape_first_caption([shapes.ShapeObject("circle", "red", 0, 0),
+                                       shapes.ShapeObject("square", "blue", 1, 1)]) == "circle red, square blue."
 
 
 def test_written_records_match_in_memory_samples(written):

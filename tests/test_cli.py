@@ -2,6 +2,7 @@
 line naming it (and the values it takes) and exit code 2; the main job runs end to end on the
 default."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -129,6 +130,16 @@ def test_pipeline_runs_and_reuses_its_stages(tmp_path, capsys):
     assert main(["--workdir", str(work), "--questions", "1", "--quick", "--no-demo"]) == 0
     out = capsys.readouterr().out
     assert "train            kept" in out and "export           exported" in out and "quantize         quantized" in out
+    # a run of an earlier recipe (another data generator) is trained again, and every later stage with it
+    summary_path = work / "recipe_summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["recipe_version"]["generator_version"] -= 1
+    summary_path.write_text(json.dumps(summary))
+    assert main(["--workdir", str(work), "--questions", "1", "--quick", "--no-demo"]) == 0
+    out = capsys.readouterr().out
+    assert "trained by an earlier recipe of the default model" in out
+    assert "train            trained" in out and "quantize         quantized" in out
+    assert (work / "model" / "model.safetensors").stat().st_mtime_ns != stamp
 
 
 def test_pipeline_bad_workdir_is_one_line(tmp_path):

@@ -150,25 +150,35 @@ def test_a_run_is_placed_against_the_recipes_reference_runs():
 
 
 def test_only_a_full_evaluated_default_run_gets_the_reference_sentence(run):
-    from tinyllava_edge.train.preset_recipes import reference_verdict
+    from tinyllava_edge.train.preset_recipes import is_current_run, recipe_fingerprint, reference_verdict
 
     recipe = PRESET_RECIPES.get("tiny-shapes")
     assert recipe.reference is not None and len(recipe.reference.seeds) >= 3
     _, small, _ = run
     assert reference_verdict(small) is None  # made small: not comparable
+    assert is_current_run(json.loads(json.dumps(small)))  # written by this recipe, read back from JSON
     full = {"preset": "tiny-shapes", "dataset": dict(recipe.dataset), "overrides": {},
+            "recipe_version": json.loads(json.dumps(recipe_fingerprint("tiny-shapes"))),
             "eval": {"split": "test", "exact_match": recipe.reference.worst - 5}}
     assert "BELOW every one" in reference_verdict(full)
     assert reference_verdict({**full, "eval": {**full["eval"], "split": "val"}}) is None
+    # an earlier recipe's run (another generator, other steps, or no record at all) is not compared
+    older = {**full["recipe_version"], "generator_version": full["recipe_version"]["generator_version"] - 1}
+    assert reference_verdict({**full, "recipe_version": older}) is None
+    steps = json.loads(json.dumps(full["recipe_version"]))
+    steps["stages"][0]["max_steps"] += 1
+    assert reference_verdict({**full, "recipe_version": steps}) is None
+    assert reference_verdict({k: v for k, v in full.items() if k != "recipe_version"}) is None
 
 
 def test_the_main_job_prints_the_reference_sentence(capsys, monkeypatch):
     from tinyllava_edge.cli.pipeline import print_summary
+    from tinyllava_edge.train.preset_recipes import recipe_fingerprint
 
     recipe = PRESET_RECIPES.get("tiny-shapes")
     summary = {"stages": [], "runs": {"16-bit": {"threads": 2}}, "questions": [],
                "recipe": {"preset": "tiny-shapes", "dataset": dict(recipe.dataset), "overrides": {},
-                          "train_wall_seconds": 500.0,
+                          "recipe_version": recipe_fingerprint("tiny-shapes"), "train_wall_seconds": 500.0,
                           "stages": {"pretrain": {"parameters": {"total": 9_787_136}}},
                           "eval": {"split": "test", "n": 4554, "exact_match": 50.0, "per_kind": {"shape": 50.0}}}}
     import tinyllava_edge.cli.pipeline as pipeline

@@ -189,6 +189,7 @@ def train_preset(name: str, output: str | os.PathLike, *, seed: int = 0, overwri
     summary: dict[str, Any] = {
         "preset": name, "seed": seed, "output": str(out), "model": str(previous),
         "dataset": dataset, "stages": stage_summaries, "overrides": stage_overrides,
+        "recipe_version": recipe_fingerprint(name),
         "threads": _threads(),
         "openmp_wait": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ},
     }
@@ -238,6 +239,23 @@ def reference_verdict(summary: Mapping[str, Any]) -> str | None:
         return None
     if summary.get("dataset") != dict(recipe.dataset) or summary.get("overrides"):
         return None  # a run made small or changed is not comparable with the reference
+    if not is_current_run(summary):
+        return None  # an earlier recipe's run: the reference figures are this recipe's
     return recipe.reference.verdict(ev["exact_match"])
 
 
+def recipe_fingerprint(name: str) -> dict:
+    """What a run of preset `name` follows from besides its seed: the shapes generator's version and
+    the recipe (data sizes, every stage's options). A summary holding another is an earlier recipe's."""
+    from tinyllava_edge.data.shapes import GENERATOR_VERSION
+
+    return {"generator_version": GENERATOR_VERSION, **recipe_description(name)}
+
+
+def is_current_run(summary: Mapping[str, Any]) -> bool:
+    """Whether a preset run's summary (recipe_summary.json) was made by the recipe this code holds."""
+    name = summary.get("preset")
+    if name not in PRESET_RECIPES:
+        return False
+    # through JSON, as the summary was: tuples become lists, mapping proxies dicts
+    return summary.get("recipe_version") == json.loads(json.dumps(recipe_fingerprint(name)))

@@ -64,18 +64,22 @@ def _disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def _summary_is_current(path: Path, is_current_run) -> bool:
+def _trained_by_an_earlier_recipe(summary_file: Path) -> bool:
+    from tinyllava_edge.train.preset_recipes import is_current_run
+
+    if not summary_file.is_file():
+        return False
     try:
-        return is_current_run(json.loads(path.read_text(encoding="utf-8")))
+        return not is_current_run(json.loads(summary_file.read_text(encoding="utf-8")))
     except (OSError, ValueError):
-        return False  # unreadable: train again rather than trust it
+        return True  # unreadable: train again rather than trust it
 
 
 QUICK = {"dataset_overrides": {"n_train": 24, "n_val": 4, "n_test": 12}, "max_steps": 2, "batch_size": 4}
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tinyllava_edge.train.preset_recipes import SUMMARY_FILE, is_current_run, train_preset
+    from tinyllava_edge.train.preset_recipes import SUMMARY_FILE, train_preset
 
     work: Path = args.workdir
     if work.exists() and not work.is_dir():
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
          "quantized", lambda: _quantize(bundle_dir, quant_dir)),
     )
     redo = args.force
-    if not redo and (work / SUMMARY_FILE).is_file() and not _summary_is_current(work / SUMMARY_FILE, is_current_run):
+    if not redo and _trained_by_an_earlier_recipe(work / SUMMARY_FILE):
         print(f"{work / SUMMARY_FILE}: trained by an earlier recipe of the default model (another data generator "
               "or other stage options); training it again", flush=True)
         redo = True

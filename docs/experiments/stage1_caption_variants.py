@@ -13,6 +13,7 @@ from the colour-first captions (a share of the images, drawn per image from the 
     ... --phases '[{"share": 0.5, "steps": 1600, "batch": 32}]' --heads 8                           # D
     ... --phases '[{"share": 0.25, "steps": 1600, "batch": 32}]'                                    # E
     ... --phases '[{"share": 0.5, "steps": 1600, "batch": 32, "marker": "shapes:"}]'                  # G
+    ... --phases '[{"share": 0.25, "steps": 2000, "batch": 32}]' --s2 '{"max_steps": 1400}'         # E2 (adopted)
 """
 import os, sys, json, time, argparse
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
@@ -56,10 +57,7 @@ def caption_file(ph, k):
     rng = np.random.default_rng([a.seed, 777])
     recs = []
     for r, text in zip(instruct, colour_first):
-        human = "<image>"
         if rng.random() < share:
-            if ph.get("prompt"):  # the shape-first form under a request of its own (stage 1's template drops it)
-                human = "<image>\n" + ph["prompt"]
             if ph.get("form", "sf") == "sf":
                 text = ", ".join(" ".join(part.split(" ")[1::-1]) for part in text[:-1].split(", ")) + "."
             else:
@@ -67,7 +65,7 @@ def caption_file(ph, k):
             if ph.get("marker"):  # the shape-first form opened by a word of its own: "shapes: circle red, ..."
                 text = ph["marker"] + " " + text
         recs.append({"id": r["id"].replace("instruct", "caption"), "image": r["image"],
-                     "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": text}],
+                     "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": text}],
                      "kind": "caption"})
     name = f"phase{k}_{share}.json"
     json.dump(recs, open(out / "data" / name, "w"))

@@ -1,6 +1,7 @@
 """Load on tinyllava-serve: C concurrent clients x N image questions, 1 and 2 workers, and the floors.
 
     python benchmarks/serve_load.py --model bundles/q4 --json docs/results/serve_load.json
+    python benchmarks/serve_load.py --model bundles/q4 --follow-up-model runs/bench-scale/bundle-Q4_K_M
     python benchmarks/serve_load.py --model runs/tiny-shapes/bundle --clients 1 4 --requests 5
 
 For each worker count the server runs as its own process (the real command, on a free loopback
@@ -20,7 +21,9 @@ The floors (issue 20), each measured here and never in a timed test:
   each the same prompts here and then through the server; the median of the rounds' ratios;
 * follow-up: a second question about the same image (the first answer in the history, and the
   image again, as an OpenAI client sends the conversation) has TTFT <= 0.2x the first question's
-  (medians over `--follow-ups` fresh images);
+  (medians over `--follow-ups` fresh images); with the prompt positions each had to evaluate
+  (the server's `prompt_tokens` less `cached_tokens`), which bound the ratio on a model whose
+  question text costs more than its image (docs/serve.md);
 * 16 x 20: no errors, and RSS after the run <= 1.1x RSS after the first 16 requests.
 
 Exits 1 when a request failed or a floor is missed. Requests go to 127.0.0.1 only.
@@ -53,6 +56,7 @@ class Result:
     ttft_s: float
     completion_tokens: int
     decode_s: float  # first content token to the finish chunk
+    evaluated: int = 0  # prompt positions the server evaluated: prompt_tokens less the cached ones
 
 
 @dataclass
@@ -157,7 +161,8 @@ def stream_chat(client, url: str, messages: list, max_tokens: int, **extra) -> t
                     finish = time.perf_counter()
     end = time.perf_counter()
     first = first or finish
-    return Result(end - began, first - began, usage["completion_tokens"], finish - first), "".join(text)
+    evaluated = usage["prompt_tokens"] - (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return Result(end - began, first - began, usage["completion_tokens"], finish - first, evaluated), "".join(text)
 
 
 def message(uri: str | None, text: str) -> dict:
@@ -213,7 +218,7 @@ def follow_up_ratio(url: str, model: Path, questions, max_tokens: int, threads: 
     import tinyllava_edge
     from tinyllava_edge.apps.serve.images import ImagePolicy, load_request_image
 
-    firsts, follows = [], []
+    firsts, follows, evaluated = [], [], []
     with httpx.Client(timeout=600) as client:
         for uri, question, follow in questions:
             first, answer = stream_chat(client, url, [message(uri, question)], max_tokens)
@@ -221,21 +226,32 @@ def follow_up_ratio(url: str, model: Path, questions, max_tokens: int, threads: 
             second, _ = stream_chat(client, url, history, max_tokens)
             firsts.append(first.ttft_s)
             follows.append(second.ttft_s)
-    local_firsts, local_follows = [], []
+            evaluated.append((first.evaluated, second.evaluated))
+    local_firsts, local_follows, local_evaluated = [], [], []
     with tinyllava_edge.load(model, device="cpu", n_threads=threads) as vlm:
         vlm.generate(None, "Hello.", max_new_tokens=2)  # warm-up
         for uri, question, follow in questions:
             chat = vlm.chat(max_new_tokens=max_tokens)
             image = load_request_image(uri, ImagePolicy(2**30, 2**30), "bench").decode()
-            local_firsts.append(chat.ask(image, question, return_stats=True)[1].ttft_ms / 1e3)
-            local_follows.append(chat.ask(None, follow, return_stats=True)[1].ttft_ms / 1e3)
+            one = chat.ask(image, question, return_stats=True)[1]
+            two = chat.ask(None, follow, return_stats=True)[1]
+            local_firsts.append(one.ttft_ms / 1e3)
+            local_follows.append(two.ttft_ms / 1e3)
+            local_evaluated.append((one.prefill_tokens, two.prefill_tokens))
     first, follow = statistics.median(firsts), statistics.median(follows)
     pairs = np.array(follows) / np.array(firsts)
     return {"images": len(questions), "first_ttft_p50_s": first, "follow_up_ttft_p50_s": follow,
             "ratio": follow / first, "pair_ratio_quartiles": [float(q) for q in np.percentile(pairs, [25, 50, 75])],
             "in_process_first_ttft_p50_s": statistics.median(local_firsts),
             "in_process_follow_up_ttft_p50_s": statistics.median(local_follows),
-            "in_process_ratio": statistics.median(local_follows) / statistics.median(local_firsts)}
+            "in_process_ratio": statistics.median(local_follows) / statistics.median(local_firsts),
+            # what each question had to evaluate (the rest came from the KV cache): the follow-up's
+            # text against the first question's image rows and text, the system prompt being cached
+            # for both on a warm worker; these bound the ratio whatever the server does
+            "evaluated_positions_p50": {"first": statistics.median(a for a, _ in evaluated),
+                                        "follow_up": statistics.median(b for _, b in evaluated)},
+            "in_process_evaluated_positions_p50": {"first": statistics.median(a for a, _ in local_evaluated),
+                                                   "follow_up": statistics.median(b for _, b in local_evaluated)}}
 
 
 def _histogram(client, url: str, name: str) -> tuple[float, float]:

@@ -436,6 +436,14 @@ def test_a_tiny_llm_decodes_on_one_thread_and_prefills_on_all(paths, images):
         assert llama_cpp.llama_n_threads(vlm.backend.llm._ctx) == 2 and vlm.info()["decode_threads"] == 2
 
 
+def test_the_vision_graph_threads_block_instead_of_spinning(edge):
+    """onnxruntime's pool threads would spin after the image is encoded, on the cores llama.cpp's
+    prefill needs next (a first question ~3 ms slower on the default model, docs/runtime.md)."""
+    from tinyllava_edge.runtime.edge import ORT_SPINNING
+
+    assert edge.backend.session.get_session_options().get_session_config_entry(ORT_SPINNING) == "0"
+
+
 def test_stats(edge, images):
     _, stats = edge.generate(images[3], "Describe it.", max_new_tokens=8, temperature=1.0, seed=1,
                                 return_stats=True)

@@ -45,6 +45,8 @@ OPTIONS = ("n_threads", "n_ctx", "n_gpu_layers", "kv_type", "flash_attn", "visio
 # KV states of prompts up to an image's end kept for reuse (llamacpp.PrefixStore): at Qwen2-0.5B
 # dims an image prompt's state is ~9 MiB, so this holds a dozen images.
 DEFAULT_PREFIX_CACHE_MB = 128
+# onnxruntime's session option: whether idle pool threads spin ("1", its default) or block ("0")
+ORT_SPINNING = "session.intra_op.allow_spinning"
 # The least room a context must leave beyond one image's rows: a short question and answer.
 _PROMPT_ROOM = 64
 
@@ -185,6 +187,11 @@ class EdgeBackend:
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3
         session_options.intra_op_num_threads = self.plan.n_threads
+        # onnxruntime's pool threads spin after a run, waiting for more work, and llama.cpp's
+        # prefill starts right then on the same cores: on the default model a first question's
+        # TTFT was 3.3-3.6 ms instead of 1.6 (2-core AMD EPYC, docs/serve.md). Blocking costs
+        # the vision graph itself 0.04 ms there and nothing measurable at bench-scale (1.53 s).
+        session_options.add_session_config_entry(ORT_SPINNING, "0")
         providers = [(p, {"trt_engine_cache_enable": "True", "trt_engine_cache_path": _tensorrt_cache_dir()})
                      if p == TENSORRT_EP else p for p in self.plan.providers]
         try:

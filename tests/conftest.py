@@ -50,3 +50,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def runtime_miniature(tmp_path_factory):
+    """The Qwen2 miniature checkpoint and its F32 bundle, built once for the runtime's and
+    tinyllava-chat's tests (they only read it; files they write go in new folders under root)."""
+    import torch
+
+    from tinyllava_edge.testing.checkpoints import build_miniature_bundle
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runtime")
+    ckpt, _ = build_miniature_bundle("TinyLLaVA-Qwen2-0.5B-SigLIP", root)
+    return {"root": root, "ckpt": ckpt, "bundle": root / "bundle"}

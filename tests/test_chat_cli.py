@@ -13,14 +13,12 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("llama_cpp")
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 import tinyllava_edge  # noqa: E402
 from tinyllava_edge.cli.chat import main as chat_main  # noqa: E402
 from tinyllava_edge.export.checks import synthetic_images  # noqa: E402
-
-MINIATURE = "TinyLLaVA-Qwen2-0.5B-SigLIP"
 
 
 @pytest.fixture(autouse=True)
@@ -29,13 +27,8 @@ def _threads(one_thread):
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    from tinyllava_edge.testing.checkpoints import build_miniature_bundle
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("chat")
-    build_miniature_bundle(MINIATURE, root)
-    return {"bundle": root / "bundle"}
+def paths(runtime_miniature):
+    return runtime_miniature
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,6 @@ from tinyllava_edge.runtime.images import ImageCache, ImageSource  # noqa: E402
 from tinyllava_edge.runtime.sampling import TextStream, next_token  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MINIATURE = "TinyLLaVA-Qwen2-0.5B-SigLIP"
 EXACT = {"device": "cpu", "n_threads": 1, "kv_type": "f32", "flash_attn": "off"}
 
 
@@ -50,13 +49,8 @@ def _threads(one_thread):
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    from tinyllava_edge.testing.checkpoints import build_miniature_bundle
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("runtime")
-    ckpt, _ = build_miniature_bundle(MINIATURE, root)
-    return {"root": root, "ckpt": ckpt, "bundle": root / "bundle"}
+def paths(runtime_miniature):
+    return runtime_miniature
 
 
 @pytest.fixture(scope="module")
